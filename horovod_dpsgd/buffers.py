@@ -1,0 +1,94 @@
+"""Contiguous communication buffers for a list of parameters.
+
+Parameters are grouped by ``(dtype, device)``; each group is packed into one flat buffer, so
+an exchange sends one message per peer and dtype, never one per tensor. Views into the
+buffers are built once, and packing/unpacking are single ``torch._foreach_copy_`` calls.
+"""
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+__all__ = ["FlatGroup", "FlatParameters"]
+
+
+class FlatGroup:
+    """Parameters of one dtype and device, and the flat buffers that carry them.
+
+    ``send`` holds the packed parameters, ``mixed`` the result of mixing; both live on
+    ``comm_device`` (the parameters' device, or the host when CUDA tensors are staged
+    through host memory).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], comm_device: torch.device):
+        self.params: List[torch.Tensor] = list(params)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self.comm_device = comm_device
+        self.numel = sum(p.numel() for p in self.params)
+        pin = self.device.type == "cuda" and comm_device.type == "cpu"
+        self.send = torch.empty(self.numel, dtype=self.dtype, device=comm_device, pin_memory=pin)
+        self.mixed = torch.empty(self.numel, dtype=self.dtype, device=comm_device, pin_memory=pin)
+        self._recv: List[torch.Tensor] = []
+        # Staging buffer on the parameters' device when communication happens on the host.
+        self._staging = None if comm_device == self.device else torch.empty(
+            self.numel, dtype=self.dtype, device=self.device)
+        packed = self._staging if self._staging is not None else self.send
+        self._pack_views = self._views(packed)
+        self._unpack_src = self._staging if self._staging is not None else self.mixed
+        self._unpack_views = self._views(self._unpack_src)
+
+    def _views(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        views, offset = [], 0
+        for p in self.params:
+            views.append(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return views
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.send.element_size()
+
+    def recv_buffers(self, count: int, dtype: torch.dtype) -> List[torch.Tensor]:
+        """``count`` receive buffers of this group's size in ``dtype`` (allocated once, reused)."""
+        self._recv = [b for b in self._recv if b.dtype == dtype]
+        while len(self._recv) < count:
+            self._recv.append(torch.empty(self.numel, dtype=dtype, device=self.comm_device,
+                                          pin_memory=self.send.is_pinned()))
+        return self._recv[:count]
+
+    @torch.no_grad()
+    def pack(self) -> torch.Tensor:
+        """Copy the parameters into ``send`` and return it."""
+        torch._foreach_copy_(self._pack_views, self.params)
+        if self._staging is not None:
+            self.send.copy_(self._staging)
+        return self.send
+
+    @torch.no_grad()
+    def unpack(self) -> None:
+        """Copy ``mixed`` into the parameters."""
+        if self._staging is not None:
+            self._staging.copy_(self.mixed)
+        torch._foreach_copy_(self.params, self._unpack_views)
+
+
+class FlatParameters:
+    """All trainable parameters of an optimizer, as one :class:`FlatGroup` per dtype/device."""
+
+    def __init__(self, params: Sequence[torch.Tensor], cuda_aware: bool = False):
+        groups = {}
+        for p in params:
+            groups.setdefault((p.dtype, p.device), []).append(p)
+        self.groups: List[FlatGroup] = []
+        for (dtype, device), ps in groups.items():
+            comm_device = device if (device.type == "cpu" or cuda_aware) else torch.device("cpu")
+            self.groups.append(FlatGroup(ps, comm_device))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(g.nbytes for g in self.groups)
+
+    def signature(self) -> Tuple:
+        """``(dtype, shape)`` of every parameter, to compare across ranks."""
+        return tuple((str(p.dtype), tuple(p.shape)) for g in self.groups for p in g.params)

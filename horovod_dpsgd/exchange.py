@@ -1,0 +1,194 @@
+"""The MPI exchange: moves flat parameter buffers between neighbours with mpi4py.
+
+The plugin talks over its own communicator (a split of ``MPI.COMM_WORLD`` ordered by Horovod
+rank), so its messages never match Horovod's. Each exchange posts non-blocking sends and
+receives (or one ``Iallreduce`` for full averaging) and completes them on a communication
+thread, so the transfer overlaps the forward/backward computation; :meth:`Exchange.wait`
+blocks only for what is still in flight. Every wait has a timeout that turns into an
+:class:`ExchangeTimeoutError` naming the peers that did not answer.
+"""
+
+import threading
+import time
+import warnings
+from typing import List, NamedTuple, Optional, Sequence
+
+import torch
+
+from horovod_dpsgd.errors import ExchangeTimeoutError, MPIEnvironmentError
+
+__all__ = ["communicator", "Transfer", "Exchange", "ExchangeHandle", "DEFAULT_TIMEOUT"]
+
+#: Seconds a blocking wait may take before it fails (``HOROVOD_DPSGD_TIMEOUT`` overrides it).
+DEFAULT_TIMEOUT = 300.0
+_POLL_MAX = 1e-3  # longest sleep between two progress polls, seconds
+
+
+def _mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:  # pragma: no cover - mpi4py is a dependency
+        raise MPIEnvironmentError(
+            "mpi4py is not installed or cannot load libmpi; install it against the MPI that "
+            "horovodrun uses (`pip install mpi4py`), or use algorithm='ssgd'") from exc
+    return MPI
+
+
+def _wait_requests(requests, deadline: float, what: str) -> None:
+    MPI = _mpi()
+    delay = 1e-6
+    while not MPI.Request.Testall(requests):
+        if time.monotonic() > deadline:
+            raise ExchangeTimeoutError(what)
+        time.sleep(delay)
+        delay = min(2 * delay, _POLL_MAX)
+
+
+def communicator(rank: int, size: int, timeout: float = DEFAULT_TIMEOUT):
+    """The plugin's own MPI communicator, ranks ordered as Horovod's.
+
+    Raises :class:`MPIEnvironmentError` when the job was not launched with MPI (e.g.
+    ``horovodrun --gloo``) or MPI's world differs from Horovod's.
+    """
+    MPI = _mpi()
+    world = MPI.COMM_WORLD
+    if world.Get_size() != size:
+        if world.Get_size() == 1:
+            raise MPIEnvironmentError(
+                f"Horovod runs {size} processes but MPI sees a world of 1: the job was started without "
+                f"MPI (horovodrun --gloo, or separate `python` processes). DPSGD exchanges weights over "
+                f"MPI: launch with `horovodrun -np {size} python ...` (without --gloo) or "
+                f"`mpirun -np {size} python ...`, or pass algorithm='ssgd'")
+        raise MPIEnvironmentError(
+            f"Horovod's world has {size} ranks but MPI_COMM_WORLD has {world.Get_size()}; DPSGD trains "
+            "over the whole MPI world: call hvd.init() or hvd.init(comm=MPI.COMM_WORLD)")
+    # Everyone must arrive before the blocking collectives below, or nobody waits forever.
+    _wait_requests([world.Ibarrier()], time.monotonic() + timeout,
+                   f"not every rank built a DPSGD optimizer within {timeout:.0f} s; every rank must "
+                   "construct horovod_dpsgd.DistributedOptimizer")
+    comm = world.Split(0, rank)
+    ranks = comm.allgather(rank)
+    if ranks != list(range(size)):
+        comm.Free()
+        raise MPIEnvironmentError(f"Horovod ranks {ranks} are not 0..{size - 1}; call hvd.init() once per process")
+    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+        warnings.warn("MPI does not provide MPI_THREAD_MULTIPLE; horovod-dpsgd exchanges weights without a "
+                      "communication thread, so communication overlaps computation less", RuntimeWarning)
+    return comm
+
+
+class Transfer(NamedTuple):
+    """One flat buffer's traffic in an exchange.
+
+    Point-to-point: ``send`` goes to every peer in ``peers``; ``recv[i]`` receives from
+    ``peers[i]``. Collective (``peers is None``): ``recv[0]`` receives the sum of ``send``
+    over all ranks.
+    """
+
+    send: torch.Tensor
+    peers: Optional[Sequence[int]]
+    recv: Sequence[torch.Tensor]
+
+
+def _as_bytes(t: torch.Tensor):
+    MPI = _mpi()
+    raw = t.view(torch.uint8)
+    return [raw.numpy() if raw.device.type == "cpu" else raw, MPI.BYTE]
+
+
+def _as_typed(t: torch.Tensor):
+    return t.numpy() if t.device.type == "cpu" else t
+
+
+class ExchangeHandle:
+    """An exchange in flight; :meth:`wait` completes it."""
+
+    def __init__(self, exchange: "Exchange", transfers: Sequence[Transfer], step: int, peers: Sequence[int]):
+        self._exchange = exchange
+        self.transfers = list(transfers)
+        self.step = step
+        self.peers = tuple(peers)
+        self._done = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._requests: List = []
+        self._staged = []  # (float32 copy, destination) of collectives on reduced precision
+
+    def _post(self) -> None:
+        MPI = _mpi()
+        comm = self._exchange.comm
+        tag = self.step % 32768
+        for t in self.transfers:
+            if t.peers is None:
+                send, out = t.send, t.recv[0]
+                if send.dtype not in (torch.float32, torch.float64):
+                    send, out = send.float(), torch.empty(send.numel(), dtype=torch.float32, device=send.device)
+                    self._staged.append((out, t.recv[0]))
+                self._requests.append(comm.Iallreduce(_as_typed(send), _as_typed(out), op=MPI.SUM))
+                continue
+            for peer, buf in zip(t.peers, t.recv):
+                self._requests.append(comm.Irecv(_as_bytes(buf), source=peer, tag=tag))
+            for peer in t.peers:
+                self._requests.append(comm.Isend(_as_bytes(t.send), dest=peer, tag=tag))
+
+    def _complete(self) -> None:
+        try:
+            if not self._requests:
+                self._post()
+            deadline = time.monotonic() + self._exchange.timeout
+            _wait_requests(self._requests, deadline, self._timeout_message())
+            for tmp, out in self._staged:
+                out.copy_(tmp)
+        except BaseException as exc:  # handed to the waiting thread
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def _timeout_message(self) -> str:
+        who = f"peers {list(self.peers)}" if self.peers else "all ranks (allreduce)"
+        return (f"rank {self._exchange.comm.Get_rank()}: the weight exchange of step {self.step} with {who} "
+                f"did not complete within {self._exchange.timeout:.0f} s. A peer has died, hangs, or runs "
+                "a different number of steps (use drop_last=True in the DistributedSampler so every rank "
+                "runs the same number of batches); raise `timeout=` if steps are legitimately this slow")
+
+    def wait(self) -> None:
+        """Block until the exchange completes; raise its error, if any."""
+        if self._exchange._worker is None and not self._done.is_set():
+            self._complete()
+        if not self._done.wait(self._exchange.timeout + 10.0):
+            raise ExchangeTimeoutError(self._timeout_message())
+        if self._error is not None:
+            raise self._error
+
+
+class Exchange:
+    """Runs exchanges on the plugin's communicator, on a communication thread by default.
+
+    Args:
+        comm: the plugin's communicator (see :func:`communicator`).
+        timeout: seconds an exchange may take before :class:`ExchangeTimeoutError`.
+        overlap: complete exchanges on a communication thread (needs MPI_THREAD_MULTIPLE);
+            otherwise requests are posted at :meth:`start` and completed in ``wait()``.
+    """
+
+    def __init__(self, comm, timeout: float = DEFAULT_TIMEOUT, overlap: bool = True):
+        MPI = _mpi()
+        self.comm = comm
+        self.timeout = float(timeout)
+        self._worker = None
+        if overlap and MPI.Query_thread() >= MPI.THREAD_MULTIPLE:
+            from concurrent.futures import ThreadPoolExecutor
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpsgd-exchange")
+
+    def start(self, transfers: Sequence[Transfer], step: int, peers: Sequence[int] = ()) -> ExchangeHandle:
+        """Start moving ``transfers``; ``peers`` only names them in error messages."""
+        handle = ExchangeHandle(self, transfers, step, peers)
+        if self._worker is not None:
+            self._worker.submit(handle._complete)
+        else:
+            handle._post()
+        return handle
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=False)
+            self._worker = None

@@ -1,0 +1,167 @@
+"""Invariants of horovod_dpsgd.DistributedOptimizer over real MPI processes.
+
+Run as ``horovodrun -np N python tests/mpi/checks.py OUT.json``; rank 0 writes one entry per
+check to OUT.json and tests/test_mpi.py asserts on them.
+"""
+
+import copy
+import os
+import sys
+import traceback
+
+import numpy as np
+import torch
+import horovod.torch as hvd
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import horovod_dpsgd as hd  # noqa: E402
+from mpi.common import all_weights, batch, loss_fn, make_model, report  # noqa: E402
+from reference import dpsgd_reference  # noqa: E402
+
+hvd.init()
+RANK, SIZE = hvd.rank(), hvd.size()
+results = {"size": SIZE}
+
+
+def check(name):
+    def wrap(fn):
+        try:
+            results[name] = fn()
+        except Exception:  # recorded; the test shows the traceback
+            results[name] = {"error": traceback.format_exc()}
+        return fn
+    return wrap
+
+
+def sgd(model, **kw):
+    kw = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, **kw}
+    return torch.optim.SGD(model.parameters(), **kw)
+
+
+def dpsgd_vs_reference(topology, passes=1, steps=6):
+    model = make_model()
+    opt = hd.DistributedOptimizer(sgd(model), named_parameters=model.named_parameters(),
+                                  backward_passes_per_step=passes, topology=topology, seed=3)
+    for t in range(steps):
+        opt.zero_grad()
+        for k in range(passes):
+            loss_fn(model, RANK, t, k).backward()
+        opt.step()
+    got = all_weights(model)
+    models = [make_model() for _ in range(SIZE)]
+    want = dpsgd_reference(models, [sgd(m) for m in models], opt.topology, loss_fn, steps, passes)
+    spread = float((got - got.mean(0)).abs().max())
+    return {"max_abs_diff": float((got - torch.stack(want)).abs().max()), "learner_spread": spread,
+            "steps": opt.step_count}
+
+
+for topo in ("ring", "random_peer", "exponential", "random_graph"):
+    check(f"reference_{topo}")(lambda topo=topo: dpsgd_vs_reference(topo))
+check("reference_ring_passes2")(lambda: dpsgd_vs_reference("ring", passes=2))
+check("reference_user_matrix")(lambda: dpsgd_vs_reference(hd.topology.ring(SIZE).mixing_matrix()))
+
+
+@check("full_averaging")
+def _():
+    model = make_model(seed=RANK)  # different weights per learner
+    lr = 0.05
+    opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=lr), topology="full")
+    worst = 0.0
+    for t in range(4):
+        opt.zero_grad()
+        loss_fn(model, RANK, t).backward()
+        before = all_weights(model)
+        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        opt.step()
+        after = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+        worst = max(worst, float((after - (before.mean(0) - lr * grad)).abs().max()))
+    return {"max_abs_diff": worst}
+
+
+@check("random_peer_matching_consistent")
+def _():
+    topo = hd.topology.RandomPeer(SIZE, seed=11)
+    mine = np.array([topo.partners(t) for t in range(50)])
+    everyone = hvd.allgather(torch.from_numpy(mine).unsqueeze(0), name="partners").numpy()
+    return {"consistent": bool((everyone == everyone[0]).all())}
+
+
+@check("ssgd_equals_horovod")
+def _():
+    out = []
+    for make in (hvd.DistributedOptimizer,
+                 lambda o, named_parameters: hd.DistributedOptimizer(o, named_parameters, algorithm="ssgd")):
+        model = make_model()
+        opt = make(sgd(model), named_parameters=[(f"ssgd.{n}", p) for n, p in model.named_parameters()])
+        for t in range(5):
+            opt.zero_grad()
+            loss_fn(model, RANK, t).backward()
+            opt.step()
+        out.append(all_weights(model))
+    return {"max_abs_diff": float((out[0] - out[1]).abs().max()),
+            "replica_spread": float((out[1] - out[1][0]).abs().max())}
+
+
+def horovod_user_script(make_optimizer, steps=8):
+    """A training loop written for hvd.DistributedOptimizer: only the constructor differs."""
+    model = make_model(seed=RANK + 5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2 * SIZE, momentum=0.9)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    optimizer = make_optimizer(optimizer, named_parameters=model.named_parameters(), backward_passes_per_step=2)
+    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5)
+    losses = []
+    for t in range(steps):
+        optimizer.zero_grad()
+        for k in range(2):
+            loss = loss_fn(model, RANK, t % 2, k)
+            loss.backward()
+        optimizer.synchronize()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        with optimizer.skip_synchronize():
+            optimizer.step()
+        scheduler.step()
+        losses.append(hvd.allreduce(loss.detach(), name=f"loss.{t}").item())
+    # state_dict round trip: a restored optimizer continues exactly like the original
+    state = copy.deepcopy(optimizer.state_dict())  # as torch.save/torch.load would
+    model2 = make_model()
+    model2.load_state_dict(model.state_dict())
+    optimizer2 = make_optimizer(torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9),
+                                named_parameters=[(f"copy.{n}", p) for n, p in model2.named_parameters()],
+                                backward_passes_per_step=2)
+    optimizer2.load_state_dict(state)
+    for m, o in ((model, optimizer), (model2, optimizer2)):
+        o.zero_grad()
+        for k in range(2):
+            loss_fn(m, RANK, steps, k).backward()
+        o.step()
+    diff = (all_weights(model) - all_weights(model2)).abs().max()
+    return {"first_loss": losses[0], "last_loss": losses[-1], "lr": optimizer.param_groups[0]["lr"],
+            "roundtrip_diff": float(diff), "class": type(optimizer).__name__,
+            "is_sgd": isinstance(optimizer, torch.optim.SGD)}
+
+
+check("dropin_horovod")(lambda: horovod_user_script(hvd.DistributedOptimizer))
+check("dropin_dpsgd")(lambda: horovod_user_script(hd.DistributedOptimizer))
+
+
+def expect_error(fn, exc_type):
+    try:
+        fn()
+    except exc_type as exc:
+        return {"raised": type(exc).__name__, "message": str(exc)}
+    return {"raised": None}
+
+
+check("error_topology_size")(lambda: expect_error(
+    lambda: hd.DistributedOptimizer(sgd(make_model()), topology=hd.topology.ring(SIZE + 1)), hd.TopologyError))
+check("error_matrix_size")(lambda: expect_error(
+    lambda: hd.DistributedOptimizer(sgd(make_model()), topology=np.eye(SIZE + 1)), hd.TopologyError))
+check("error_unknown_topology")(lambda: expect_error(
+    lambda: hd.DistributedOptimizer(sgd(make_model()), topology="torus"), hd.TopologyError))
+check("error_models_differ")(lambda: expect_error(
+    lambda: hd.DistributedOptimizer(sgd(make_model(hidden=16 + (RANK == SIZE - 1)))), hd.ParameterMismatchError))
+check("error_unknown_algorithm")(lambda: expect_error(
+    lambda: hd.DistributedOptimizer(sgd(make_model()), algorithm="adpsgd"), ValueError))
+
+report(results)

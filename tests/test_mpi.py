@@ -1,0 +1,98 @@
+"""Multi-process invariants of DistributedOptimizer, through real horovodrun + MPI jobs.
+
+One horovodrun launch per world size runs every check in tests/mpi/checks.py (start-up
+dominates); the tests below assert on its JSON report.
+"""
+
+import json
+
+import pytest
+
+from launch import horovodrun
+
+pytestmark = pytest.mark.mpi
+SIZES = (2, 3, 4)
+
+
+@pytest.fixture(scope="module", params=SIZES, ids=lambda n: f"np{n}")
+def report(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"np{request.param}") / "report.json"
+    proc = horovodrun(request.param, ["tests/mpi/checks.py", str(out)], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    results = json.loads(out.read_text())
+    assert results["size"] == request.param
+    return results
+
+
+def result(report, name):
+    r = report[name]
+    assert "error" not in r, r.get("error")
+    return r
+
+
+@pytest.mark.parametrize("topology", ["ring", "random_peer", "exponential", "random_graph", "ring_passes2",
+                                      "user_matrix"])
+def test_dpsgd_equals_single_process_reference(report, topology):
+    r = result(report, f"reference_{topology}")
+    assert r["max_abs_diff"] <= 1e-6
+    assert r["steps"] == 6
+    assert r["learner_spread"] > 1e-4, "learners should hold different weights under DPSGD"
+
+
+def test_full_averaging_gives_global_mean_minus_own_update(report):
+    assert result(report, "full_averaging")["max_abs_diff"] <= 1e-6
+
+
+def test_random_peer_matching_is_the_same_on_all_ranks(report):
+    assert result(report, "random_peer_matching_consistent")["consistent"]
+
+
+def test_ssgd_mode_equals_horovod(report):
+    r = result(report, "ssgd_equals_horovod")
+    assert r["max_abs_diff"] == 0.0
+    assert r["replica_spread"] == 0.0
+
+
+@pytest.mark.parametrize("variant", ["horovod", "dpsgd"])
+def test_horovod_script_runs_with_only_the_constructor_changed(report, variant):
+    r = result(report, f"dropin_{variant}")
+    assert r["class"] == "SGD" and r["is_sgd"]
+    assert r["lr"] == pytest.approx(0.2 * report["size"] / 4)  # StepLR halved it twice
+    assert r["last_loss"] < r["first_loss"]
+    assert r["roundtrip_diff"] == 0.0
+
+
+@pytest.mark.parametrize("name,exc,words", [
+    ("error_topology_size", "TopologyError", "build it with size="),
+    ("error_matrix_size", "TopologyError", "-np"),
+    ("error_unknown_topology", "TopologyError", "choose one of"),
+    ("error_models_differ", "ParameterMismatchError", "same model"),
+    ("error_unknown_algorithm", "ValueError", "choose one of"),
+])
+def test_bad_input_gets_a_clear_error(report, name, exc, words):
+    r = result(report, name)
+    assert r["raised"] == exc
+    assert words in r["message"]
+
+
+GLOO_SCRIPT = """
+import torch, horovod.torch as hvd, horovod_dpsgd as hd
+hvd.init()
+model = torch.nn.Linear(2, 2)
+hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+"""
+
+
+def test_gloo_launch_stops_with_an_error_naming_the_fix():
+    proc = horovodrun(2, ["-c", GLOO_SCRIPT], extra=["--gloo"], timeout=120)
+    assert proc.returncode != 0
+    assert "MPIEnvironmentError" in proc.stdout
+    assert "without --gloo" in proc.stdout
+
+
+def test_plain_python_stops_with_an_error_naming_the_fix():
+    from launch import run
+    import sys
+    proc = run([sys.executable, "-c", GLOO_SCRIPT], timeout=120)
+    assert proc.returncode != 0
+    assert "MPIEnvironmentError" in proc.stdout and "horovodrun -np N" in proc.stdout
