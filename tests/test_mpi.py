@@ -96,3 +96,11 @@ def test_plain_python_stops_with_an_error_naming_the_fix():
     proc = run([sys.executable, "-c", GLOO_SCRIPT], timeout=120)
     assert proc.returncode != 0
     assert "MPIEnvironmentError" in proc.stdout and "horovodrun -np N" in proc.stdout
+
+
+def test_init_with_mpi_comm_world_and_plugin_imported_first(tmp_path):
+    out = tmp_path / "report.json"
+    proc = horovodrun(2, ["tests/mpi/init_variants.py", str(out)], timeout=180)
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    r = json.loads(out.read_text())
+    assert r["mpi_size"] == 2 and r["max_abs_diff"] <= 1e-6

@@ -1,0 +1,19 @@
+# horovod-dpsgd: `make demo` (main job) and `make test` (test suite), each set-up included.
+VENV ?= .venv
+NP ?= 4
+PY := $(VENV)/bin/python
+HOROVODRUN := $(VENV)/bin/horovodrun
+
+.PHONY: setup demo test clean
+
+setup:
+	VENV=$(abspath $(VENV)) bash scripts/setup.sh
+
+demo: setup
+	$(HOROVODRUN) -np $(NP) $(PY) examples/pytorch_mnist_mlp.py --topology ring --epochs 5
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info
