@@ -12,10 +12,10 @@ from horovod_dpsgd.callbacks import Callback, GaussianNoise, StepContext
 from horovod_dpsgd.errors import (DPSGDError, ExchangeTimeoutError, MPIEnvironmentError, NonFiniteError,
                                   ParameterMismatchError, TopologyError)
 from horovod_dpsgd.optimizer import ALGORITHMS, DistributedOptimizer
-from horovod_dpsgd import topology
+from horovod_dpsgd import checkpoint, topology
 
 __all__ = [
-    "DistributedOptimizer", "ALGORITHMS", "topology",
+    "DistributedOptimizer", "ALGORITHMS", "topology", "checkpoint",
     "Callback", "StepContext", "GaussianNoise",
     "DPSGDError", "TopologyError", "MPIEnvironmentError", "ExchangeTimeoutError",
     "ParameterMismatchError", "NonFiniteError",

@@ -1,11 +1,86 @@
-"""Export of the learners' averaged model w_a for evaluation and inference."""
+"""Checkpoints of every learner, and export of the averaged model.
+
+Under DPSGD each learner holds different weights, so a checkpoint is one file per learner::
+
+    checkpoint.save("ckpt/epoch-3", model, optimizer)          # on every rank
+    ...
+    checkpoint.load("ckpt/epoch-3", model, optimizer)          # on every rank, same world size
+
+Each file holds the learner's model and optimizer state (which includes the step counter that
+drives dynamic topologies such as the random peer schedule) and the torch RNG state, so a
+resumed run continues bit for bit like the uninterrupted one. Files are written to a temporary
+name and renamed, so a crash never leaves a half-written checkpoint.
+
+:func:`average_model` gives the learners' average ``w_a`` for evaluation and inference.
+"""
 
 import copy
+import os
+from typing import Any, Dict, Optional
 
 import torch
 import horovod.torch as hvd
 
-__all__ = ["average_model"]
+from horovod_dpsgd.errors import DPSGDError
+
+__all__ = ["save", "load", "average_model", "CheckpointError"]
+
+_FORMAT = 1
+
+
+class CheckpointError(DPSGDError, ValueError):
+    """A checkpoint is missing, incomplete, or was made with another world size."""
+
+
+def _learner_file(directory: str, rank: int, size: int) -> str:
+    return os.path.join(directory, f"learner-{rank:05d}-of-{size:05d}.pt")
+
+
+def save(directory: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+         extra: Optional[Dict[str, Any]] = None) -> str:
+    """Write this learner's checkpoint into ``directory``; call on every rank. Returns the file."""
+    rank, size = hvd.rank(), hvd.size()
+    os.makedirs(directory, exist_ok=True)
+    state = {
+        "format": _FORMAT, "rank": rank, "size": size,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "torch_rng": torch.get_rng_state(),
+        "extra": extra or {},
+    }
+    path = _learner_file(directory, rank, size)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    hvd.allreduce(torch.zeros(1), name=f"horovod_dpsgd.checkpoint.save.{directory}")  # all files are complete
+    return path
+
+
+def load(directory: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+         restore_rng: bool = True) -> Dict[str, Any]:
+    """Restore this learner from ``directory`` (made by :func:`save`); returns the saved ``extra``."""
+    rank, size = hvd.rank(), hvd.size()
+    path = _learner_file(directory, rank, size)
+    if not os.path.exists(path):
+        found = sorted(f for f in os.listdir(directory) if f.startswith("learner-")) if os.path.isdir(directory) else []
+        if found:
+            saved_size = int(found[0].rsplit("-of-", 1)[1].split(".")[0])
+            raise CheckpointError(
+                f"{directory} holds a checkpoint of {saved_size} learners but this job has {size}: resume with "
+                f"-np {saved_size}, or start a new run from the averaged model (checkpoint.average_model) of "
+                f"the old one")
+        raise CheckpointError(f"no checkpoint for rank {rank} in {directory!r} (expected {path})")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("format") != _FORMAT or state.get("size") != size or state.get("rank") != rank:
+        raise CheckpointError(f"{path} is not a horovod-dpsgd checkpoint of rank {rank} of {size}")
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        if state["optimizer"] is None:
+            raise CheckpointError(f"{path} was saved without optimizer state; pass optimizer=None")
+        optimizer.load_state_dict(state["optimizer"])
+    if restore_rng:
+        torch.set_rng_state(state["torch_rng"])
+    return state["extra"]
 
 
 @torch.no_grad()

@@ -68,11 +68,20 @@ def test_horovod_script_runs_with_only_the_constructor_changed(report, variant):
     ("error_unknown_topology", "TopologyError", "choose one of"),
     ("error_models_differ", "ParameterMismatchError", "same model"),
     ("error_unknown_algorithm", "ValueError", "choose one of"),
+    ("error_checkpoint_world_size", "CheckpointError", "resume with -np"),
 ])
 def test_bad_input_gets_a_clear_error(report, name, exc, words):
     r = result(report, name)
     assert r["raised"] == exc
     assert words in r["message"]
+
+
+def test_checkpoint_resume_reproduces_the_uninterrupted_run_bit_for_bit(report):
+    r = result(report, "checkpoint_resume_bit_exact")
+    assert r["diff"] == 0.0
+    assert r["extra"] == {"epoch": 3}
+    n = report["size"]
+    assert r["files"] == [f"learner-{j:05d}-of-{n:05d}.pt" for j in range(n)]  # no temporary files left
 
 
 GLOO_SCRIPT = """

@@ -145,6 +145,33 @@ check("dropin_horovod")(lambda: horovod_user_script(hvd.DistributedOptimizer))
 check("dropin_dpsgd")(lambda: horovod_user_script(hd.DistributedOptimizer))
 
 
+def train_steps(model, opt, first, last):
+    for t in range(first, last):
+        opt.zero_grad()
+        loss = loss_fn(model, RANK, t) + 1e-3 * torch.randn(()).abs()  # consumes the torch RNG too
+        loss.backward()
+        opt.step()
+
+
+@check("checkpoint_resume_bit_exact")
+def _():
+    directory = os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), "ckpt")
+    torch.manual_seed(RANK)
+    model = make_model()
+    opt = hd.DistributedOptimizer(sgd(model), topology="random_peer", seed=7)
+    train_steps(model, opt, 0, 3)
+    hd.checkpoint.save(directory, model, opt, extra={"epoch": 3})
+    train_steps(model, opt, 3, 6)
+    uninterrupted = all_weights(model)
+    model2 = make_model(seed=99)  # a fresh process would start from other weights and RNG state
+    torch.manual_seed(1234)
+    opt2 = hd.DistributedOptimizer(sgd(model2), topology="random_peer", seed=7)
+    extra = hd.checkpoint.load(directory, model2, opt2)
+    train_steps(model2, opt2, opt2.step_count, 6)
+    return {"diff": float((all_weights(model2) - uninterrupted).abs().max()), "extra": extra,
+            "files": sorted(os.listdir(directory))}
+
+
 def expect_error(fn, exc_type):
     try:
         fn()
@@ -163,5 +190,16 @@ check("error_models_differ")(lambda: expect_error(
     lambda: hd.DistributedOptimizer(sgd(make_model(hidden=16 + (RANK == SIZE - 1)))), hd.ParameterMismatchError))
 check("error_unknown_algorithm")(lambda: expect_error(
     lambda: hd.DistributedOptimizer(sgd(make_model()), algorithm="adpsgd"), ValueError))
+
+def load_other_world_size():
+    directory = os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), "ckpt-other")
+    if RANK == 0:
+        os.makedirs(directory, exist_ok=True)
+        open(os.path.join(directory, f"learner-00000-of-{SIZE + 3:05d}.pt"), "w").close()
+    hvd.allreduce(torch.zeros(1), name="ckpt-other-ready")
+    hd.checkpoint.load(directory, make_model())
+
+
+check("error_checkpoint_world_size")(lambda: expect_error(load_other_world_size, hd.checkpoint.CheckpointError))
 
 report(results)
