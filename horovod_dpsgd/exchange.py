@@ -8,6 +8,8 @@ blocks only for what is still in flight. Every wait has a timeout that turns int
 :class:`ExchangeTimeoutError` naming the peers that did not answer.
 """
 
+import queue
+import sys
 import threading
 import time
 import warnings
@@ -17,7 +19,8 @@ import torch
 
 from horovod_dpsgd.errors import ExchangeTimeoutError, MPIEnvironmentError
 
-__all__ = ["communicator", "Transfer", "Exchange", "ExchangeHandle", "DEFAULT_TIMEOUT"]
+__all__ = ["communicator", "abort_job_on_uncaught_exception", "Transfer", "Exchange", "ExchangeHandle",
+           "DEFAULT_TIMEOUT"]
 
 #: Seconds a blocking wait may take before it fails (``HOROVOD_DPSGD_TIMEOUT`` overrides it).
 DEFAULT_TIMEOUT = 300.0
@@ -34,12 +37,14 @@ def _mpi():
     return MPI
 
 
-def _wait_requests(requests, deadline: float, what: str) -> None:
+def _wait_requests(requests, deadline: float, what) -> None:
+    """Drive ``requests`` to completion; past ``deadline`` raise ExchangeTimeoutError(what(pending))."""
     MPI = _mpi()
     delay = 1e-6
     while not MPI.Request.Testall(requests):
         if time.monotonic() > deadline:
-            raise ExchangeTimeoutError(what)
+            pending = [i for i, r in enumerate(requests) if r != MPI.REQUEST_NULL and not r.Test()]
+            raise ExchangeTimeoutError(what(pending) if callable(what) else what)
         time.sleep(delay)
         delay = min(2 * delay, _POLL_MAX)
 
@@ -77,6 +82,29 @@ def communicator(rank: int, size: int, timeout: float = DEFAULT_TIMEOUT):
     return comm
 
 
+def abort_job_on_uncaught_exception() -> None:
+    """Make an uncaught exception on this rank abort the whole MPI job, naming the rank.
+
+    Without it, the other learners would wait for the failed one until their exchange times
+    out. Chains to the previous ``sys.excepthook`` (the traceback is printed first), as
+    ``python -m mpi4py`` does. Installed once per process.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "_horovod_dpsgd", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        previous(exc_type, exc, tb)
+        MPI = _mpi()
+        sys.stderr.write(f"horovod-dpsgd: rank {MPI.COMM_WORLD.Get_rank()} raised {exc_type.__name__}: {exc}; "
+                         "aborting the MPI job so that the other learners do not wait for it\n")
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(1)
+
+    hook._horovod_dpsgd = True
+    sys.excepthook = hook
+
+
 class Transfer(NamedTuple):
     """One flat buffer's traffic in an exchange.
 
@@ -111,6 +139,7 @@ class ExchangeHandle:
         self._done = threading.Event()
         self._error: Optional[BaseException] = None
         self._requests: List = []
+        self._request_peers: List[Optional[int]] = []  # peer of each request (None: collective)
         self._staged = []  # (float32 copy, destination) of collectives on reduced precision
 
     def _post(self) -> None:
@@ -124,18 +153,21 @@ class ExchangeHandle:
                     send, out = send.float(), torch.empty(send.numel(), dtype=torch.float32, device=send.device)
                     self._staged.append((out, t.recv[0]))
                 self._requests.append(comm.Iallreduce(_as_typed(send), _as_typed(out), op=MPI.SUM))
+                self._request_peers.append(None)
                 continue
             for peer, buf in zip(t.peers, t.recv):
                 self._requests.append(comm.Irecv(_as_bytes(buf), source=peer, tag=tag))
+                self._request_peers.append(peer)
             for peer in t.peers:
                 self._requests.append(comm.Isend(_as_bytes(t.send), dest=peer, tag=tag))
+                self._request_peers.append(peer)
 
     def _complete(self) -> None:
         try:
             if not self._requests:
                 self._post()
             deadline = time.monotonic() + self._exchange.timeout
-            _wait_requests(self._requests, deadline, self._timeout_message())
+            _wait_requests(self._requests, deadline, self._timeout_message)
             for tmp, out in self._staged:
                 out.copy_(tmp)
         except BaseException as exc:  # handed to the waiting thread
@@ -143,10 +175,16 @@ class ExchangeHandle:
         finally:
             self._done.set()
 
-    def _timeout_message(self) -> str:
-        who = f"peers {list(self.peers)}" if self.peers else "all ranks (allreduce)"
-        return (f"rank {self._exchange.comm.Get_rank()}: the weight exchange of step {self.step} with {who} "
-                f"did not complete within {self._exchange.timeout:.0f} s. A peer has died, hangs, or runs "
+    def _timeout_message(self, pending: Sequence[int] = ()) -> str:
+        silent = sorted({self._request_peers[i] for i in pending if self._request_peers[i] is not None})
+        if silent:
+            who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} did not answer"
+        elif pending:
+            who = "the allreduce over all ranks did not complete"
+        else:
+            who = f"peers {list(self.peers)} did not answer" if self.peers else "the allreduce did not complete"
+        return (f"rank {self._exchange.comm.Get_rank()}: in the weight exchange of step {self.step}, {who} "
+                f"within {self._exchange.timeout:g} s. A peer has died, hangs, or runs "
                 "a different number of steps (use drop_last=True in the DistributedSampler so every rank "
                 "runs the same number of batches); raise `timeout=` if steps are legitimately this slow")
 
@@ -176,19 +214,29 @@ class Exchange:
         self.timeout = float(timeout)
         self._worker = None
         if overlap and MPI.Query_thread() >= MPI.THREAD_MULTIPLE:
-            from concurrent.futures import ThreadPoolExecutor
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpsgd-exchange")
+            # A daemon thread: a process that exits (or dies) never waits for a blocked exchange.
+            self._jobs: "queue.SimpleQueue[Optional[ExchangeHandle]]" = queue.SimpleQueue()
+            self._worker = threading.Thread(target=self._serve, name="dpsgd-exchange", daemon=True)
+            self._worker.start()
+
+    def _serve(self) -> None:
+        while True:
+            handle = self._jobs.get()
+            if handle is None:
+                return
+            handle._complete()
 
     def start(self, transfers: Sequence[Transfer], step: int, peers: Sequence[int] = ()) -> ExchangeHandle:
         """Start moving ``transfers``; ``peers`` only names them in error messages."""
         handle = ExchangeHandle(self, transfers, step, peers)
         if self._worker is not None:
-            self._worker.submit(handle._complete)
+            self._jobs.put(handle)
         else:
             handle._post()
         return handle
 
     def close(self) -> None:
+        """Stop the communication thread after the exchanges already started."""
         if self._worker is not None:
-            self._worker.shutdown(wait=False)
+            self._jobs.put(None)
             self._worker = None

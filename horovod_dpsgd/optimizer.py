@@ -32,7 +32,7 @@ from horovod_dpsgd import topology as topologies
 from horovod_dpsgd.buffers import FlatParameters
 from horovod_dpsgd.callbacks import Callback, StepContext
 from horovod_dpsgd.errors import MPIEnvironmentError, ParameterMismatchError
-from horovod_dpsgd.exchange import DEFAULT_TIMEOUT, Exchange, Transfer, communicator
+from horovod_dpsgd.exchange import DEFAULT_TIMEOUT, Exchange, Transfer, abort_job_on_uncaught_exception, communicator
 
 __all__ = ["DistributedOptimizer", "ALGORITHMS"]
 
@@ -123,6 +123,7 @@ class _DPSGDOptimizer(_StepTracking):
         self._comm = communicator(self._rank, self._size, timeout)
         self._check_same_parameters(named)
         self._exchange = Exchange(self._comm, timeout, overlap)
+        abort_job_on_uncaught_exception()
         self._handle = None
         self._plan = None
         self._synchronized = False
