@@ -32,7 +32,7 @@ Example, a user-written callback that prints the norm of the update every 100 st
 
 import dataclasses
 import math
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Union
 
 import torch
 

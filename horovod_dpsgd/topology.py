@@ -19,7 +19,6 @@ Example::
 """
 
 import abc
-import math
 from typing import Iterable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np

@@ -31,7 +31,7 @@ def result(report, name):
 
 
 @pytest.mark.parametrize("topology", ["ring", "random_peer", "exponential", "random_graph", "ring_passes2",
-                                      "user_matrix"])
+                                      "user_matrix", "sparse_gradients"])
 def test_dpsgd_equals_single_process_reference(report, topology):
     r = result(report, f"reference_{topology}")
     assert r["max_abs_diff"] <= 1e-6
@@ -69,11 +69,24 @@ def test_horovod_script_runs_with_only_the_constructor_changed(report, variant):
     ("error_models_differ", "ParameterMismatchError", "same model"),
     ("error_unknown_algorithm", "ValueError", "choose one of"),
     ("error_checkpoint_world_size", "CheckpointError", "resume with -np"),
+    ("error_nonfinite_raise", "NonFiniteError", "at step 2"),
 ])
 def test_bad_input_gets_a_clear_error(report, name, exc, words):
     r = result(report, name)
     assert r["raised"] == exc
     assert words in r["message"]
+
+
+def test_nonfinite_skip_skips_only_the_affected_learners_update(report):
+    r = result(report, "nonfinite_skip")
+    assert r["skipped"] == [1] + [0] * (report["size"] - 1)
+    assert r["finite"]
+
+
+def test_gaussian_noise_keeps_ssgd_replicas_identical(report):
+    r = result(report, "noise_ssgd_replicas_identical")
+    assert r["replica_spread"] == 0.0
+    assert r["noise_effect"] > 1e-3
 
 
 def test_checkpoint_resume_reproduces_the_uninterrupted_run_bit_for_bit(report):

@@ -15,7 +15,7 @@ import horovod.torch as hvd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import horovod_dpsgd as hd  # noqa: E402
-from mpi.common import all_weights, batch, loss_fn, make_model, report  # noqa: E402
+from mpi.common import all_weights, loss_fn, make_model, report  # noqa: E402
 from reference import dpsgd_reference  # noqa: E402
 
 hvd.init()
@@ -38,8 +38,23 @@ def sgd(model, **kw):
     return torch.optim.SGD(model.parameters(), **kw)
 
 
-def dpsgd_vs_reference(topology, passes=1, steps=6):
-    model = make_model()
+class EmbeddingBag(torch.nn.Module):
+    """A model with a sparse-gradient embedding (sparse=True) and a dense head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(50, 8, sparse=True)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        idx = (x.abs() * 10).long().clamp(max=49)
+        return self.head(self.emb(idx).mean(1))
+
+
+def dpsgd_vs_reference(topology, passes=1, steps=6, make=make_model, momentum=0.9):
+    model = make()
+    sgd = (lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-4 if momentum else 0.0))
     opt = hd.DistributedOptimizer(sgd(model), named_parameters=model.named_parameters(),
                                   backward_passes_per_step=passes, topology=topology, seed=3)
     for t in range(steps):
@@ -48,7 +63,7 @@ def dpsgd_vs_reference(topology, passes=1, steps=6):
             loss_fn(model, RANK, t, k).backward()
         opt.step()
     got = all_weights(model)
-    models = [make_model() for _ in range(SIZE)]
+    models = [make() for _ in range(SIZE)]
     want = dpsgd_reference(models, [sgd(m) for m in models], opt.topology, loss_fn, steps, passes)
     spread = float((got - got.mean(0)).abs().max())
     return {"max_abs_diff": float((got - torch.stack(want)).abs().max()), "learner_spread": spread,
@@ -58,6 +73,7 @@ def dpsgd_vs_reference(topology, passes=1, steps=6):
 for topo in ("ring", "random_peer", "exponential", "random_graph"):
     check(f"reference_{topo}")(lambda topo=topo: dpsgd_vs_reference(topo))
 check("reference_ring_passes2")(lambda: dpsgd_vs_reference("ring", passes=2))
+check("reference_sparse_gradients")(lambda: dpsgd_vs_reference("ring", make=EmbeddingBag, momentum=0.0))
 check("reference_user_matrix")(lambda: dpsgd_vs_reference(hd.topology.ring(SIZE).mixing_matrix()))
 
 
@@ -172,6 +188,42 @@ def _():
             "files": sorted(os.listdir(directory))}
 
 
+def nan_at(rank_set, step, nonfinite, steps=5):
+    model = make_model()
+    opt = hd.DistributedOptimizer(sgd(model), topology="ring", nonfinite=nonfinite)
+    for t in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(model, RANK, t)
+        if t == step and RANK in rank_set:
+            loss = loss * float("nan")
+        loss.backward()
+        opt.step()
+    return model, opt
+
+
+@check("nonfinite_skip")
+def _():
+    model, opt = nan_at({0}, 2, "skip")
+    skipped = hvd.allgather(torch.tensor([opt.skipped_steps]), name="skipped").tolist()
+    return {"skipped": skipped, "finite": bool(all_weights(model).isfinite().all())}
+
+
+@check("noise_ssgd_replicas_identical")
+def _():
+    out = []
+    for sigma in (0.0, 0.01):
+        model = make_model()
+        opt = hd.DistributedOptimizer(sgd(model), algorithm="ssgd", callbacks=[hd.GaussianNoise(sigma, seed=1)],
+                                      named_parameters=[(f"noise{sigma}.{n}", p) for n, p in model.named_parameters()])
+        for t in range(4):
+            opt.zero_grad()
+            loss_fn(model, RANK, t).backward()
+            opt.step()
+        out.append(all_weights(model))
+    return {"replica_spread": float((out[1] - out[1][0]).abs().max()),
+            "noise_effect": float((out[1] - out[0]).abs().max())}
+
+
 def expect_error(fn, exc_type):
     try:
         fn()
@@ -188,6 +240,8 @@ check("error_unknown_topology")(lambda: expect_error(
     lambda: hd.DistributedOptimizer(sgd(make_model()), topology="torus"), hd.TopologyError))
 check("error_models_differ")(lambda: expect_error(
     lambda: hd.DistributedOptimizer(sgd(make_model(hidden=16 + (RANK == SIZE - 1)))), hd.ParameterMismatchError))
+check("error_nonfinite_raise")(lambda: expect_error(lambda: nan_at(set(range(SIZE)), 2, "raise"),
+                                                  hd.NonFiniteError))
 check("error_unknown_algorithm")(lambda: expect_error(
     lambda: hd.DistributedOptimizer(sgd(make_model()), algorithm="adpsgd"), ValueError))
 

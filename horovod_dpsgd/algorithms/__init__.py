@@ -1,0 +1,1 @@
+"""One module per training algorithm; see :func:`horovod_dpsgd.DistributedOptimizer`."""
