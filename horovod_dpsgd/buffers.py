@@ -30,6 +30,7 @@ class FlatGroup:
         self.send = torch.empty(self.numel, dtype=self.dtype, device=comm_device, pin_memory=pin)
         self.mixed = torch.empty(self.numel, dtype=self.dtype, device=comm_device, pin_memory=pin)
         self._recv: List[torch.Tensor] = []
+        self._recv_views = {}  # data_ptr of a receive buffer -> per-parameter views into it
         # Staging buffer on the parameters' device when communication happens on the host.
         self._staging = None if comm_device == self.device else torch.empty(
             self.numel, dtype=self.dtype, device=self.device)
@@ -51,11 +52,32 @@ class FlatGroup:
 
     def recv_buffers(self, count: int, dtype: torch.dtype) -> List[torch.Tensor]:
         """``count`` receive buffers of this group's size in ``dtype`` (allocated once, reused)."""
-        self._recv = [b for b in self._recv if b.dtype == dtype]
+        if any(b.dtype != dtype for b in self._recv):
+            self._recv, self._recv_views = [], {}
         while len(self._recv) < count:
-            self._recv.append(torch.empty(self.numel, dtype=dtype, device=self.comm_device,
-                                          pin_memory=self.send.is_pinned()))
+            buf = torch.empty(self.numel, dtype=dtype, device=self.comm_device, pin_memory=self.send.is_pinned())
+            self._recv.append(buf)
+            self._recv_views[buf.data_ptr()] = self._views(buf)
         return self._recv[:count]
+
+    @torch.no_grad()
+    def mix(self, self_weight: float, peers: Sequence[Tuple[float, torch.Tensor]]) -> None:
+        """Set the parameters to ``self_weight * w_own + sum_k weight_k * w_k``.
+
+        ``w_own`` is the packed ``send`` buffer, which the parameters still equal; ``peers``
+        are ``(weight_k, flat w_k)`` pairs. Without host staging the result is computed in
+        place in the parameters (no extra pass over a result buffer).
+        """
+        if self._staging is None:
+            torch._foreach_mul_(self.params, self_weight)
+            for weight, flat in peers:
+                views = self._recv_views.get(flat.data_ptr()) if flat.dtype == self.dtype else None
+                torch._foreach_add_(self.params, views or self._views(flat.to(self.dtype)), alpha=weight)
+        else:
+            torch.mul(self.send, self_weight, out=self.mixed)
+            for weight, flat in peers:
+                self.mixed.add_(flat.to(self.dtype), alpha=weight)
+            self.unpack()
 
     @torch.no_grad()
     def pack(self) -> torch.Tensor:

@@ -37,15 +37,23 @@ def _mpi():
     return MPI
 
 
-def _wait_requests(requests, deadline: float, what) -> None:
-    """Drive ``requests`` to completion; past ``deadline`` raise ExchangeTimeoutError(what(pending))."""
+def _wait_requests(requests, deadline: float, what, urgent: Optional[threading.Event] = None) -> None:
+    """Drive ``requests`` to completion; past ``deadline`` raise ExchangeTimeoutError(what(pending)).
+
+    Polls with a growing pause (cheap while the training thread computes); once ``urgent`` is
+    set (the training thread is waiting for the result) it polls without pausing.
+    """
     MPI = _mpi()
-    delay = 1e-6
+    delay = 1e-5
     while not MPI.Request.Testall(requests):
         if time.monotonic() > deadline:
             pending = [i for i, r in enumerate(requests) if r != MPI.REQUEST_NULL and not r.Test()]
             raise ExchangeTimeoutError(what(pending) if callable(what) else what)
-        time.sleep(delay)
+        if urgent is None:
+            time.sleep(delay)
+        elif urgent.wait(delay):
+            delay = 0.0
+            continue
         delay = min(2 * delay, _POLL_MAX)
 
 
@@ -137,6 +145,7 @@ class ExchangeHandle:
         self.step = step
         self.peers = tuple(peers)
         self._done = threading.Event()
+        self._urgent = threading.Event()  # set when the training thread waits for this exchange
         self._error: Optional[BaseException] = None
         self._requests: List = []
         self._request_peers: List[Optional[int]] = []  # peer of each request (None: collective)
@@ -167,7 +176,7 @@ class ExchangeHandle:
             if not self._requests:
                 self._post()
             deadline = time.monotonic() + self._exchange.timeout
-            _wait_requests(self._requests, deadline, self._timeout_message)
+            _wait_requests(self._requests, deadline, self._timeout_message, self._urgent)
             for tmp, out in self._staged:
                 out.copy_(tmp)
         except BaseException as exc:  # handed to the waiting thread
@@ -190,6 +199,7 @@ class ExchangeHandle:
 
     def wait(self) -> None:
         """Block until the exchange completes; raise its error, if any."""
+        self._urgent.set()
         if self._exchange._worker is None and not self._done.is_set():
             self._complete()
         if not self._done.wait(self._exchange.timeout + 10.0):

@@ -93,17 +93,17 @@ class DPSGD(StepTracking):
     def _mix(self) -> None:
         """Replace the parameters by ``w_s,j(t) = sum_k W_jk w_k(t)`` (the first term of Eq. 2)."""
         plan = self._plan
-        if self._handle is not None:
-            self._handle.wait()
-            transfers, self._handle = self._handle.transfers, None
-            for group, transfer in zip(self._flat.groups, transfers):
-                if plan.collective:
-                    group.mixed.div_(self._size)
-                else:
-                    torch.mul(group.send, plan.self_weight, out=group.mixed)
-                    for weight, recv in zip(plan.peer_weights, transfer.recv):
-                        group.mixed.add_(self._compression.decompress(recv, group.dtype), alpha=weight)
+        if self._handle is None:  # no peer this step (e.g. the unmatched learner of an odd world)
+            return
+        self._handle.wait()
+        transfers, self._handle = self._handle.transfers, None
+        for group, transfer in zip(self._flat.groups, transfers):
+            if plan.collective:
+                group.mixed.div_(self._size)
                 group.unpack()
+            else:
+                group.mix(plan.self_weight, [(w, self._compression.decompress(r, group.dtype))
+                                             for w, r in zip(plan.peer_weights, transfer.recv)])
 
     def synchronize(self) -> None:
         """Finish this step's exchange and load the mixed weights ``w_s,j(t)`` into the parameters.

@@ -1,0 +1,136 @@
+"""Side-by-side step and exchange timings; run under horovodrun (see benchmarks/run.py).
+
+Every variant gets its own model and optimizer, and the variants are timed round-robin
+within each repetition, so machine noise hits them alike. Each figure is the median over
+repetitions of the mean step time of ``--steps`` steps, after ``--warmup`` steps.
+
+    horovodrun -np 4 python benchmarks/step_time.py --models mlp1m --out results.json
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+import horovod.torch as hvd
+from mpi4py import MPI
+
+import horovod_dpsgd
+
+MODELS = {
+    "mlp1m": (lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 320), torch.nn.ReLU(),
+                                          torch.nn.Linear(320, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))),
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10)),
+    "resnet50": (lambda: torchvision.models.resnet50()),
+}
+VARIANTS = ("horovod_ssgd", "plugin_ssgd", "dpsgd_random_peer", "dpsgd_ring", "local_no_comm", "dpsgd_diag50")
+
+
+def build(variant, model_name, seed=0):
+    torch.manual_seed(seed)
+    model = MODELS[model_name]()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    named = [(f"{variant}.{n}", p) for n, p in model.named_parameters()]
+    callbacks = []
+    if variant == "dpsgd_diag50":
+        from horovod_dpsgd.diagnostics import NoiseDiagnostics
+        probe = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
+        callbacks = [NoiseDiagnostics(model, F.cross_entropy, probe, every=50)]
+    if variant == "horovod_ssgd":
+        opt = hvd.DistributedOptimizer(opt, named_parameters=named)
+    elif variant == "plugin_ssgd":
+        opt = horovod_dpsgd.DistributedOptimizer(opt, named_parameters=named, algorithm="ssgd")
+    elif variant in ("dpsgd_random_peer", "dpsgd_diag50"):
+        opt = horovod_dpsgd.DistributedOptimizer(opt, named_parameters=named, topology="random_peer",
+                                                 callbacks=callbacks)
+    elif variant == "dpsgd_random_peer_inline":
+        opt = horovod_dpsgd.DistributedOptimizer(opt, named_parameters=named, topology="random_peer", overlap=False)
+    elif variant == "dpsgd_ring":
+        opt = horovod_dpsgd.DistributedOptimizer(opt, named_parameters=named, topology="ring")
+    return model, opt, callbacks
+
+
+def run_steps(model, opt, callbacks, data, target, steps):
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(data), target)
+        loss.backward()
+        for cb in callbacks:
+            cb.observe(data, target, loss)
+        opt.step()
+    return (time.perf_counter() - start) / steps
+
+
+def time_exchange(opt, nbytes, reps, comm):
+    """Mixing one model (pack, exchange, mix, unpack) vs raw Sendrecv and hvd.allreduce of the same bytes."""
+    out = {"plugin_mix": [], "raw_sendrecv": [], "hvd_allreduce": []}
+    numel = nbytes // 4
+    send, recv = torch.ones(numel), torch.empty(numel)
+    peer_of = opt.topology.partners
+    for rep in range(reps):
+        step = opt.step_count + rep
+        comm.Barrier()
+        t0 = time.perf_counter()
+        opt._pending = True            # benchmark-only: drive one exchange without a training step
+        opt._start_exchange()
+        opt.synchronize()
+        opt._pending = opt._synchronized = False
+        out["plugin_mix"].append(time.perf_counter() - t0)
+        peer = int(peer_of(opt.step_count)[comm.Get_rank()])
+        comm.Barrier()
+        t0 = time.perf_counter()
+        if peer != comm.Get_rank():
+            comm.Sendrecv(send.numpy(), dest=peer, recvbuf=recv.numpy(), source=peer)
+        out["raw_sendrecv"].append(time.perf_counter() - t0)
+        comm.Barrier()
+        t0 = time.perf_counter()
+        hvd.allreduce(send, name=f"bench.allreduce.{step}")
+        out["hvd_allreduce"].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", default="mlp1m,resnet18,resnet50")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--batch-size", type=int, default=8, help="per learner")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed repetition")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    hvd.init()
+    torch.set_num_threads(1)
+    comm = MPI.COMM_WORLD
+    results = {"size": hvd.size(), "batch_size": args.batch_size, "steps": args.steps, "reps": args.reps,
+               "models": {}}
+    for model_name in args.models.split(","):
+        variants = [v for v in args.variants.split(",")]
+        built = {v: build(v, model_name) for v in variants}
+        nparams = sum(p.numel() for p in built[variants[0]][0].parameters())
+        data, target = torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,))
+        times = {v: [] for v in variants}
+        for v in variants:
+            run_steps(*built[v], data, target, args.warmup)
+        for rep in range(args.reps):
+            for v in variants:
+                comm.Barrier()
+                t = run_steps(*built[v], data, target, args.steps)
+                times[v].append(max(comm.allgather(t)))  # a step is as slow as the slowest learner
+        entry = {"params": nparams, "step_s": {v: statistics.median(ts) for v, ts in times.items()}}
+        if "dpsgd_random_peer" in built:
+            entry["exchange_s"] = time_exchange(built["dpsgd_random_peer"][1], 4 * nparams, args.reps, comm)
+        results["models"][model_name] = entry
+        if hvd.rank() == 0:
+            print(json.dumps({model_name: entry}), flush=True)
+    if hvd.rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
