@@ -4,7 +4,7 @@ NP ?= 4
 PY := $(VENV)/bin/python
 HOROVODRUN := $(VENV)/bin/horovodrun
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 setup:
 	VENV=$(abspath $(VENV)) bash scripts/setup.sh
@@ -17,3 +17,6 @@ test: setup
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
+
+bench: setup
+	$(PY) benchmarks/run.py

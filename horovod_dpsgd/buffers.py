@@ -69,10 +69,14 @@ class FlatGroup:
         place in the parameters (no extra pass over a result buffer).
         """
         if self._staging is None:
+            views = [self._recv_views.get(flat.data_ptr()) or self._views(flat.to(self.dtype)) for _, flat in peers]
+            if len(peers) == 1 and abs(self_weight + peers[0][0] - 1.0) < 1e-12:
+                # One peer (random peer): w + a (w_k - w), a single pass over the parameters.
+                torch._foreach_lerp_(self.params, views[0], peers[0][0])
+                return
             torch._foreach_mul_(self.params, self_weight)
-            for weight, flat in peers:
-                views = self._recv_views.get(flat.data_ptr()) if flat.dtype == self.dtype else None
-                torch._foreach_add_(self.params, views or self._views(flat.to(self.dtype)), alpha=weight)
+            for (weight, _), peer_views in zip(peers, views):
+                torch._foreach_add_(self.params, peer_views, alpha=weight)
         else:
             torch.mul(self.send, self_weight, out=self.mixed)
             for weight, flat in peers:

@@ -1,0 +1,99 @@
+"""Run the benchmark suite: ``python benchmarks/run.py`` (or ``make bench``).
+
+Launches ``benchmarks/step_time.py`` under horovodrun for each world size, then prints the
+step-time ratios to Horovod's SSGD, the exchange efficiency against raw mpi4py Sendrecv and
+hvd.allreduce of the same bytes, the overlap and the diagnostics overhead, and checks the
+targets. Writes everything to ``benchmarks/results/<name>.json``.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TARGETS = {  # figure -> (limit, "max" | "min")
+    "dpsgd_random_peer / horovod_ssgd": (1.0, "max"),
+    "dpsgd_random_peer / horovod_ssgd (25M model)": (0.8, "max"),
+    "plugin_ssgd / horovod_ssgd": (1.02, "max"),
+    "exchange efficiency vs raw Sendrecv": (0.8, "min"),
+    "diagnostics every 50 steps overhead": (0.05, "max"),
+}
+
+
+def launch(np_, args, out):
+    cmd = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(np_), sys.executable,
+           str(HERE / "step_time.py"), "--out", str(out), *args]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, timeout=3600, cwd=HERE.parent)
+    return json.loads(out.read_text())
+
+
+def rows(result):
+    n = result["size"]
+    for name, m in result["models"].items():
+        s = m["step_s"]
+        base = s.get("horovod_ssgd")
+        row = {"n": n, "model": name, "params_M": m["params"] / 1e6, "horovod_ssgd_ms": 1e3 * base}
+        for v in ("plugin_ssgd", "dpsgd_random_peer", "dpsgd_ring", "dpsgd_random_peer_inline"):
+            if v in s:
+                row[f"{v} / horovod_ssgd"] = s[v] / base
+        if "local_no_comm" in s and "dpsgd_random_peer" in s:
+            row["dpsgd_random_peer / local_no_comm"] = s["dpsgd_random_peer"] / s["local_no_comm"]
+        if "dpsgd_diag50" in s and "dpsgd_random_peer" in s:
+            row["diagnostics every 50 steps overhead"] = s["dpsgd_diag50"] / s["dpsgd_random_peer"] - 1
+        e = m.get("exchange_s")
+        if e:
+            row["exchange efficiency vs raw Sendrecv"] = e["raw_sendrecv"] / e["plugin_mix"]
+            row["exchange / hvd.allreduce"] = e["plugin_mix"] / e["hvd_allreduce"]
+            row["exchange_ms"] = 1e3 * e["plugin_mix"]
+        yield row
+
+
+def check(row):
+    out = []
+    for key, (limit, kind) in TARGETS.items():
+        figure_key = key.replace(" (25M model)", "")
+        if figure_key not in row or ("25M" in key) != (row["params_M"] > 20):
+            continue
+        value = row[figure_key]
+        ok = value <= limit if kind == "max" else value >= limit
+        out.append(f"{key}: {value:.3f} ({'meets' if ok else 'MISSES'} {'<=' if kind == 'max' else '>='} {limit})")
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="2,4")
+    parser.add_argument("--name", default="latest")
+    parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to step_time.py after --")
+    args = parser.parse_args()
+    extra = [a for a in args.bench_args if a != "--"]
+    (HERE / "results").mkdir(exist_ok=True)
+    results = []
+    for np_ in [int(x) for x in args.sizes.split(",")]:
+        results.append(launch(np_, extra, HERE / "results" / f"{args.name}-np{np_}.json"))
+    table = [row for r in results for row in rows(r)]
+    meta = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
+            "python": platform.python_version(), "command": " ".join(sys.argv)}
+    (HERE / "results" / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=1))
+    keys = ["n", "model", "params_M", "horovod_ssgd_ms", "plugin_ssgd / horovod_ssgd",
+            "dpsgd_random_peer / horovod_ssgd", "dpsgd_ring / horovod_ssgd", "dpsgd_random_peer / local_no_comm",
+            "exchange_ms", "exchange efficiency vs raw Sendrecv", "exchange / hvd.allreduce",
+            "diagnostics every 50 steps overhead"]
+    keys = [k for k in keys if any(k in r for r in table)]
+    print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in table:
+        print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys)
+              + " |")
+    print("\nTargets:")
+    for r in table:
+        for line in check(r):
+            print(f"  n={r['n']} {r['model']}: {line}")
+
+
+if __name__ == "__main__":
+    main()

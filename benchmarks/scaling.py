@@ -1,0 +1,100 @@
+"""Communication cost per step and learner, against the number of learners n.
+
+A latency-bandwidth (alpha-beta) model: a message of ``b`` bytes costs ``alpha + b / beta``;
+messages to different peers proceed in parallel, sequential rounds add up. Per step and
+learner, for a model of ``S`` bytes:
+
+=====================  ==========================  ===========================================
+scheme                 bytes sent per learner      sequential latency hops
+=====================  ==========================  ===========================================
+ring allreduce (SSGD)  2 (n-1)/n S                 2 (n-1)
+random peer (DPSGD)    S                           1
+ring, k per side       2k S  (fewer when n small)  1  (2k messages share the link)
+exponential graph      degree x S                  1
+full averaging         2 (n-1)/n S (an allreduce)  2 (n-1)
+=====================  ==========================  ===========================================
+
+so ring allreduce pays ``2(n-1) alpha`` latency that grows with n, while a random peer
+pays one ``alpha`` and ``S`` bytes whatever n is. ``python benchmarks/scaling.py
+--measured benchmarks/results/full.json`` fits alpha and beta to the measured raw
+Sendrecv times and prints the model next to the measured exchange and allreduce times.
+Use ``--alpha``/``--beta`` with your cluster's figures to predict where DPSGD wins there.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from horovod_dpsgd import topology as T  # noqa: E402
+
+
+def cost(scheme: str, n: int, nbytes: float):
+    """(bytes sent per learner, sequential latency hops) of one step."""
+    if n == 1:
+        return 0.0, 0
+    if scheme in ("ring_allreduce", "full"):
+        return 2 * (n - 1) / n * nbytes, 2 * (n - 1)
+    if scheme == "random_peer":
+        return nbytes, 1
+    topo = {"ring": T.ring(n), "exponential": T.exponential(n)}[scheme]
+    degree = max(len(topo.plan(j, 0).peers) for j in range(n))
+    return degree * nbytes, 1
+
+
+def predict(scheme, n, nbytes, alpha, beta):
+    b, hops = cost(scheme, n, nbytes)
+    return hops * alpha + b / beta
+
+
+def fit(points):
+    """Least-squares alpha, beta from (bytes, seconds) of single messages."""
+    x = np.array([[1.0, b] for b, _ in points])
+    y = np.array([t for _, t in points])
+    (alpha, inv_beta), *_ = np.linalg.lstsq(x, y, rcond=None)
+    return max(alpha, 0.0), 1.0 / inv_beta
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--measured", help="a benchmarks/results/*.json written by benchmarks/run.py")
+    parser.add_argument("--alpha", type=float, default=None, help="latency per message, seconds")
+    parser.add_argument("--beta", type=float, default=None, help="bandwidth per learner, bytes/s")
+    parser.add_argument("--bytes", type=float, default=4 * 25.6e6, help="model size in bytes (default ResNet-50)")
+    parser.add_argument("--sizes", default="2,4,8,16,32,64,128,256")
+    args = parser.parse_args()
+    rows = []
+    if args.measured:
+        rows = json.loads(Path(args.measured).read_text())["rows"]
+    alpha, beta = args.alpha, args.beta
+    if alpha is None or beta is None:
+        points = [(4e6 * r["params_M"], 1e-3 * r["exchange_ms"] / r["exchange efficiency vs raw Sendrecv"])
+                  for r in rows if r["n"] == 2 and "exchange_ms" in r]
+        if len(points) < 2:
+            parser.error("give --alpha and --beta, or --measured with n=2 exchange figures")
+        alpha, beta = fit(points)
+    print(f"alpha = {alpha * 1e6:.1f} us, beta = {beta / 1e9:.2f} GB/s\n")
+    print(f"Predicted communication per step for a {args.bytes / 1e6:.0f} MB model (ms):")
+    schemes = ("ring_allreduce", "random_peer", "ring", "exponential")
+    print("| n | " + " | ".join(schemes) + " | random_peer / ring_allreduce |\n|" + "---|" * (len(schemes) + 2))
+    for n in [int(s) for s in args.sizes.split(",")]:
+        t = [predict(s, n, args.bytes, alpha, beta) for s in schemes]
+        print(f"| {n} | " + " | ".join(f"{1e3 * v:.1f}" for v in t) + f" | {t[1] / t[0]:.2f} |")
+    if rows:
+        print("\nModel against measurement on this machine (ms):")
+        print("| n | model | random peer: model | measured | allreduce: model | measured |\n|---|---|---|---|---|---|")
+        for r in rows:
+            if "exchange_ms" not in r:
+                continue
+            nbytes = 4e6 * r["params_M"]
+            allreduce_ms = r["exchange_ms"] / r["exchange / hvd.allreduce"]
+            print(f"| {r['n']} | {r['model']} | {1e3 * predict('random_peer', r['n'], nbytes, alpha, beta):.1f} | "
+                  f"{r['exchange_ms']:.1f} | {1e3 * predict('ring_allreduce', r['n'], nbytes, alpha, beta):.1f} | "
+                  f"{allreduce_ms:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
