@@ -1,0 +1,111 @@
+"""Summaries, tables and plots of training runs (the metrics files of ``horovod-dpsgd train``)."""
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+__all__ = ["read_metrics", "summarize", "one_line", "table", "plot"]
+
+
+def read_metrics(path) -> List[dict]:
+    """The JSON-lines records of one run."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize(name: str, seed: int, records: Sequence[dict], target_accuracy: float) -> dict:
+    """Final loss, test error, divergence and steps to ``target_accuracy`` of one run."""
+    steps = [r for r in records if r["kind"] == "step"]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    end = next((r for r in records if r["kind"] == "end"), {})
+    diags = [r for r in records if r["kind"] == "diag" and "alpha_e_over_alpha" in r]
+    early = [r["alpha_e_over_alpha"] for r in diags[: max(1, len(diags) // 10)]]
+    return {
+        "name": name, "seed": seed,
+        "steps": end.get("steps", steps[-1]["step"] if steps else 0),
+        "diverged": bool(end.get("diverged", False)),
+        "final_train_loss": steps[-1]["loss"] if steps else math.nan,
+        "test_error": 1.0 - epochs[-1]["accuracy"] if epochs else math.nan,
+        "best_test_error": 1.0 - max(r["accuracy"] for r in epochs) if epochs else math.nan,
+        "steps_to_target": next((r["step"] for r in epochs if r["accuracy"] >= target_accuracy), None),
+        "early_alpha_e_over_alpha": statistics.mean(early) if early else None,
+    }
+
+
+def one_line(s: dict) -> str:
+    if s["diverged"]:
+        return f"diverged at step {s['steps']}"
+    return (f"{s['steps']} steps, final train loss {s['final_train_loss']:.4f}, test error {100 * s['test_error']:.2f}%"
+            + (f", early alpha_e/alpha {s['early_alpha_e_over_alpha']:.2f}" if s["early_alpha_e_over_alpha"] else ""))
+
+
+def _mean(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} +/- {statistics.stdev(values):.2g}"
+
+
+def table(results: Sequence[dict], target_accuracy: float) -> str:
+    """A Markdown table, one row per configuration (mean +/- std over seeds)."""
+    by_name: Dict[str, List[dict]] = defaultdict(list)
+    for r in results:
+        by_name[r["name"]].append(r)
+    lines = [f"| run | seeds | diverged | final train loss | test error % | best test error % | "
+             f"steps to {100 * target_accuracy:g}% acc. | early alpha_e/alpha |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, rs in by_name.items():
+        ok = [r for r in rs if not r["diverged"]]
+        reached = [r["steps_to_target"] for r in ok if r["steps_to_target"] is not None]
+        lines.append(
+            f"| {name} | {len(rs)} | {'yes' if all(r['diverged'] for r in rs) else 'no' if not any(r['diverged'] for r in rs) else f'{len(rs) - len(ok)}/{len(rs)}'} | "
+            f"{_mean([r['final_train_loss'] for r in ok])} | {_mean([100 * r['test_error'] for r in ok])} | "
+            f"{_mean([100 * r['best_test_error'] for r in ok])} | "
+            f"{_mean(reached) if reached else 'never'}{f' ({len(reached)}/{len(rs)})' if 0 < len(reached) < len(rs) else ''} | "
+            f"{_mean([r['early_alpha_e_over_alpha'] for r in ok])} |")
+    return "\n".join(lines)
+
+
+def plot(out_dir, names: Sequence[str], seeds: Sequence[int]) -> List[Path]:
+    """PNG plots of training loss, test accuracy and alpha_e/alpha against step, one line per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    panels = [("loss.png", "step", "loss", "training loss", True),
+              ("accuracy.png", "epoch", "accuracy", "test accuracy (averaged model)", False),
+              ("alpha_e.png", "diag", "alpha_e_over_alpha", "effective learning rate alpha_e / alpha", False)]
+    colors = {}
+    written = []
+    for filename, kind, key, title, log in panels:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        drawn = False
+        for name, seed in zip(names, seeds):
+            path = out_dir / f"{name}-seed{seed}" / "metrics.jsonl"
+            recs = [r for r in read_metrics(path) if r["kind"] == kind and key in r]
+            if not recs:
+                continue
+            color = colors.setdefault(name, f"C{len(colors)}")
+            ax.plot([r["step"] for r in recs], [r[key] for r in recs], color=color, alpha=0.8, lw=1,
+                    label=name if seed == min(s for n, s in zip(names, seeds) if n == name) else None)
+            drawn = True
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / filename, dpi=110)
+        plt.close(fig)
+        written.append(out_dir / filename)
+    return written

@@ -1,0 +1,217 @@
+"""The training loop behind ``horovod-dpsgd train``; runs inside a horovodrun job.
+
+Rank 0 prints a progress bar and one line per epoch, writes TensorBoard scalars to
+``log_dir`` and, if ``metrics_file`` is set, JSON lines that ``horovod-dpsgd compare`` reads:
+``{"kind": "step" | "epoch" | "diag" | "end", "step": ..., ...}``.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional, Tuple
+
+import click
+import torch
+import torch.nn.functional as F
+import horovod.torch as hvd
+
+from horovod_dpsgd import checkpoint
+from horovod_dpsgd.callbacks import GaussianNoise
+from horovod_dpsgd.optimizer import DistributedOptimizer
+from horovod_dpsgd.recipes import lr_multiplier, scaled_lr
+
+__all__ = ["TrainConfig", "train"]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything one training run needs; the CLI's ``train`` options map onto these fields."""
+
+    task: str = "mnist"
+    model: str = "mlp"
+    algorithm: str = "dpsgd"
+    topology: str = "ring"
+    batch_size: int = 500            # per learner
+    lr: float = 1.0                  # base learning rate
+    linear_scaling: bool = False     # lr * total batch / base_batch
+    base_batch: int = 128
+    warmup_epochs: float = 0.0
+    decay_epochs: Tuple[float, ...] = ()
+    decay_factor: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    epochs: int = 10
+    max_steps: Optional[int] = None
+    noise_sigma: float = 0.0         # Gaussian noise (SSGD*) std; 0 disables it
+    diag_every: int = 0              # noise diagnostics interval in steps; 0 disables them
+    probe_batches: int = 2
+    log_every: int = 1
+    seed: int = 0
+    data_dir: Optional[str] = None
+    download: bool = False
+    log_dir: Optional[str] = None
+    checkpoint_dir: Optional[str] = None
+    metrics_file: Optional[str] = None
+    quiet: bool = False
+
+
+class _Metrics:
+    """Rank 0's outputs: the JSON-lines file, TensorBoard and the console."""
+
+    def __init__(self, cfg: TrainConfig, rank: int):
+        self.active = rank == 0
+        self.quiet = cfg.quiet
+        self.file = self.writer = None
+        if self.active and cfg.metrics_file:
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.metrics_file)), exist_ok=True)
+            self.file = open(cfg.metrics_file, "w")
+        if self.active and cfg.log_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(cfg.log_dir)
+
+    def record(self, kind: str, step: int, **values) -> None:
+        if not self.active:
+            return
+        if self.file:
+            self.file.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+            self.file.flush()
+        if self.writer and kind in ("step", "epoch"):
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key not in ("epoch",):
+                    self.writer.add_scalar(f"{'train' if kind == 'step' else 'test'}/{key}", value, step)
+
+    def say(self, text: str) -> None:
+        if self.active and not self.quiet:
+            click.echo(text)
+            sys.stdout.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.writer:
+            self.writer.close()
+
+
+def _loaders(cfg: TrainConfig, train_set, test_set):
+    rank, size = hvd.rank(), hvd.size()
+    # drop_last: every learner runs the same number of steps (a decentralized exchange needs it).
+    sampler = torch.utils.data.distributed.DistributedSampler(train_set, size, rank, shuffle=True, seed=cfg.seed,
+                                                              drop_last=True)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
+    if len(train_loader) == 0:
+        raise click.UsageError(f"{len(train_set)} training samples give no full batch of {cfg.batch_size} per learner "
+                               f"on {size} learners; lower --batch-size")
+    test_shard = torch.utils.data.Subset(test_set, range(rank, len(test_set), size))
+    test_loader = torch.utils.data.DataLoader(test_shard, batch_size=max(cfg.batch_size, 256))
+    probe_sampler = torch.utils.data.RandomSampler(test_set, generator=torch.Generator().manual_seed(cfg.seed))
+    probe_loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.batch_size, sampler=probe_sampler)
+    probe = [b for _, b in zip(range(cfg.probe_batches), probe_loader)]
+    return sampler, train_loader, test_loader, probe
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader) -> Tuple[float, float]:
+    """Test loss and accuracy of ``model`` over all ranks' shards (collective)."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    for data, target in loader:
+        output = model(data)
+        totals += torch.tensor([F.cross_entropy(output, target, reduction="sum").item(),
+                                (output.argmax(1) == target).sum().item(), len(target)], dtype=torch.float64)
+    totals = hvd.allreduce(totals, op=hvd.Sum, name="horovod_dpsgd.evaluate")
+    model.train()
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train as ``cfg`` says; returns the final metrics (on every rank)."""
+    from horovod_dpsgd.data import get_dataset
+    from horovod_dpsgd.models import get_model
+
+    if not hvd.is_initialized():
+        hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // hvd.local_size()))
+    train_set, test_set = get_dataset(cfg.task, data_dir=cfg.data_dir, download=cfg.download)
+    sampler, train_loader, test_loader, probe = _loaders(cfg, train_set, test_set)
+    steps_per_epoch = len(train_loader)
+    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
+
+    model = get_model(cfg.model)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    peak = scaled_lr(cfg.lr, cfg.batch_size * size, cfg.base_batch, cfg.linear_scaling)
+    optimizer = torch.optim.SGD(model.parameters(), lr=peak, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    callbacks, diagnostics = [], None
+    if cfg.noise_sigma:
+        callbacks.append(GaussianNoise(cfg.noise_sigma, seed=cfg.seed))
+    metrics = _Metrics(cfg, rank)
+    if cfg.diag_every:
+        from horovod_dpsgd.diagnostics import NoiseDiagnostics
+        diagnostics = NoiseDiagnostics(model, F.cross_entropy, probe, every=cfg.diag_every, log_dir=metrics.writer)
+        callbacks.append(diagnostics)
+    optimizer = DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), algorithm=cfg.algorithm,
+                                     topology=cfg.topology, callbacks=callbacks, seed=cfg.seed, nonfinite="ignore")
+    start_lr = min(1.0, cfg.lr / peak) if cfg.warmup_epochs else 1.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_multiplier(steps_per_epoch, start_lr, cfg.warmup_epochs, cfg.decay_epochs, cfg.decay_factor))
+    first_epoch = 0
+    if cfg.checkpoint_dir and os.path.isdir(os.path.join(cfg.checkpoint_dir, "last")):
+        first_epoch = checkpoint.load(os.path.join(cfg.checkpoint_dir, "last"), model, optimizer)["epoch"]
+        scheduler.last_epoch = optimizer.step_count
+        metrics.say(f"resumed from {cfg.checkpoint_dir}/last at epoch {first_epoch}")
+
+    what = f"{cfg.algorithm}" + (f" ({cfg.topology})" if cfg.algorithm == "dpsgd" else "") + \
+        (f" + Gaussian noise sigma={cfg.noise_sigma:g}" if cfg.noise_sigma else "")
+    metrics.say(f"{what}: {cfg.model} on {cfg.task}, {size} learners x batch {cfg.batch_size} = {size * cfg.batch_size}, "
+                f"lr {peak:g}, {steps_per_epoch} steps/epoch")
+    result = {"diverged": False, "steps": optimizer.step_count}
+    for epoch in range(first_epoch, cfg.epochs):
+        if optimizer.step_count >= total_steps:
+            break
+        sampler.set_epoch(epoch)
+        started, running = time.time(), torch.zeros(2, dtype=torch.float64)
+        bar = click.progressbar(length=steps_per_epoch, label=f"epoch {epoch + 1}", file=sys.stderr) \
+            if rank == 0 and not cfg.quiet and sys.stderr.isatty() else None
+        for data, target in train_loader:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(data), target)
+            loss.backward()
+            if diagnostics is not None:
+                diagnostics.observe(data, target, loss)
+            optimizer.step()
+            scheduler.step()
+            running += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+            step = optimizer.step_count
+            if step % cfg.log_every == 0 or step == total_steps:
+                mean = hvd.allreduce(running, op=hvd.Sum, name="horovod_dpsgd.train_loss")
+                train_loss = float(mean[0] / mean[1])
+                running.zero_()
+                metrics.record("step", step, loss=train_loss, lr=optimizer.param_groups[0]["lr"])
+                if not math.isfinite(train_loss):
+                    result["diverged"] = True
+            if diagnostics is not None and diagnostics.last and diagnostics.last.get("step") == step - 1:
+                metrics.record("diag", step, **{k: v for k, v in diagnostics.last.items() if k != "step"})
+            if bar is not None:
+                bar.update(1)
+            if result["diverged"] or step >= total_steps:
+                break
+        if bar is not None:
+            bar.render_finish()
+        if result["diverged"]:
+            metrics.say(f"epoch {epoch + 1}: training loss is NaN/inf: diverged at step {optimizer.step_count}")
+            break
+        test_loss, accuracy = evaluate(checkpoint.average_model(model), test_loader)
+        metrics.record("epoch", optimizer.step_count, epoch=epoch + 1, loss=test_loss, accuracy=accuracy)
+        metrics.say(f"epoch {epoch + 1}: train loss {train_loss:.4f}  test loss {test_loss:.4f}  "
+                    f"test accuracy {100 * accuracy:.2f}%  ({time.time() - started:.1f} s)")
+        result.update(test_loss=test_loss, test_accuracy=accuracy, train_loss=train_loss)
+        if cfg.checkpoint_dir:
+            checkpoint.save(os.path.join(cfg.checkpoint_dir, "last"), model, optimizer, extra={"epoch": epoch + 1})
+    result["steps"] = optimizer.step_count
+    metrics.record("end", optimizer.step_count, **result)
+    metrics.close()
+    return result
