@@ -79,7 +79,9 @@ def main():
     table = [row for r in results for row in rows(r)]
     meta = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
             "python": platform.python_version(), "command": " ".join(sys.argv)}
-    (HERE / "results" / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=1))
+    curves = {r["size"]: r.get("sendrecv_curve") for r in results}
+    (HERE / "results" / f"{args.name}.json").write_text(
+        json.dumps({"meta": meta, "rows": table, "sendrecv_curve": curves}, indent=1))
     keys = ["n", "model", "params_M", "horovod_ssgd_ms", "plugin_ssgd / horovod_ssgd",
             "dpsgd_random_peer / horovod_ssgd", "dpsgd_ring / horovod_ssgd", "dpsgd_random_peer / local_no_comm",
             "exchange_ms", "exchange efficiency vs raw Sendrecv", "exchange / hvd.allreduce",

@@ -17,7 +17,8 @@ full averaging         2 (n-1)/n S (an allreduce)  2 (n-1)
 so ring allreduce pays ``2(n-1) alpha`` latency that grows with n, while a random peer
 pays one ``alpha`` and ``S`` bytes whatever n is. ``python benchmarks/scaling.py
 --measured benchmarks/results/full.json`` fits alpha and beta to the measured raw
-Sendrecv times and prints the model next to the measured exchange and allreduce times.
+Sendrecv times (a sweep of message sizes between rank pairs at n=2) and prints the model
+next to the measured exchange and allreduce times.
 Use ``--alpha``/``--beta`` with your cluster's figures to predict where DPSGD wins there.
 """
 
@@ -66,16 +67,16 @@ def main():
     parser.add_argument("--bytes", type=float, default=4 * 25.6e6, help="model size in bytes (default ResNet-50)")
     parser.add_argument("--sizes", default="2,4,8,16,32,64,128,256")
     args = parser.parse_args()
-    rows = []
+    rows, curve = [], []
     if args.measured:
-        rows = json.loads(Path(args.measured).read_text())["rows"]
+        measured = json.loads(Path(args.measured).read_text())
+        rows = measured["rows"]
+        curve = (measured.get("sendrecv_curve") or {}).get("2") or []
     alpha, beta = args.alpha, args.beta
     if alpha is None or beta is None:
-        points = [(4e6 * r["params_M"], 1e-3 * r["exchange_ms"] / r["exchange efficiency vs raw Sendrecv"])
-                  for r in rows if r["n"] == 2 and "exchange_ms" in r]
-        if len(points) < 2:
-            parser.error("give --alpha and --beta, or --measured with n=2 exchange figures")
-        alpha, beta = fit(points)
+        if len(curve) < 2:
+            parser.error("give --alpha and --beta, or --measured with an n=2 Sendrecv curve")
+        alpha, beta = fit(curve)
     print(f"alpha = {alpha * 1e6:.1f} us, beta = {beta / 1e9:.2f} GB/s\n")
     print(f"Predicted communication per step for a {args.bytes / 1e6:.0f} MB model (ms):")
     schemes = ("ring_allreduce", "random_peer", "ring", "exponential")

@@ -93,6 +93,24 @@ def time_exchange(opt, nbytes, reps, comm):
     return {k: statistics.median(v) for k, v in out.items()}
 
 
+def sendrecv_curve(comm, reps, sizes=tuple(4 ** k for k in range(5, 14))):
+    """Median Sendrecv time between rank pairs (0-1, 2-3, ...) against message bytes, to fit alpha/beta."""
+    rank = comm.Get_rank()
+    peer = rank ^ 1
+    curve = []
+    for nbytes in sizes:
+        send, recv = torch.ones(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+        times = []
+        for _ in range(reps):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            if peer < comm.Get_size():
+                comm.Sendrecv(send.numpy(), dest=peer, recvbuf=recv.numpy(), source=peer)
+            times.append(time.perf_counter() - t0)
+        curve.append((nbytes, statistics.median(comm.allgather(statistics.median(times)))))
+    return curve
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", default="mlp1m,resnet18,resnet50")
@@ -127,6 +145,7 @@ def main():
         results["models"][model_name] = entry
         if hvd.rank() == 0:
             print(json.dumps({model_name: entry}), flush=True)
+    results["sendrecv_curve"] = sendrecv_curve(comm, max(args.reps, 5))
     if hvd.rank() == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
