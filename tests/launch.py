@@ -7,13 +7,15 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from horovod_dpsgd.launch import horovodrun_command, horovodrun_env
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def run(cmd: Sequence[str], timeout: float, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+def run(cmd: Sequence[str], timeout: float, env: Optional[dict] = None, np_: int = 1) -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own process group; on timeout kill the group and fail loudly."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = {**horovodrun_env(np_), "PYTHONPATH": str(REPO), **(env or {})}
     proc = subprocess.Popen(list(cmd), cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -27,4 +29,4 @@ def run(cmd: Sequence[str], timeout: float, env: Optional[dict] = None) -> subpr
 
 def horovodrun(np: int, args: List[str], timeout: float = 240, extra: Sequence[str] = ()) -> subprocess.CompletedProcess:
     """``horovodrun -np N [extra] python ARGS...`` with the test interpreter."""
-    return run([str(BIN / "horovodrun"), "-np", str(np), *extra, sys.executable, *args], timeout)
+    return run(horovodrun_command(np, args, extra), timeout, np_=np)

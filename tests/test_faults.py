@@ -1,11 +1,11 @@
 """A failing learner ends the whole horovodrun job quickly, naming the failed rank; never a hang."""
 
-import sys
 import time
 
 import pytest
 
-from launch import BIN, run
+from horovod_dpsgd.launch import horovodrun_command
+from launch import run
 
 pytestmark = pytest.mark.mpi
 
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.mpi
 ])
 def test_failed_learner_ends_the_job_naming_it(mode, words):
     start = time.monotonic()
-    proc = run([str(BIN / "horovodrun"), "-np", "4", sys.executable, "tests/mpi/faults.py", mode, "2"],
-               timeout=120, env={"HOROVOD_DPSGD_TIMEOUT": "5"})
+    proc = run(horovodrun_command(4, ["tests/mpi/faults.py", mode, "2"]), timeout=120,
+               env={"HOROVOD_DPSGD_TIMEOUT": "5"}, np_=4)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert words in proc.stdout, proc.stdout[-4000:]

@@ -1,0 +1,387 @@
+"""Noise diagnostics (paper Eq. 3 and Eq. 4) against closed forms, and the NoiseDiagnostics callback.
+
+The quantities are checked on quadratic losses L_A(w) = 1/2 w^T A w, whose gradients (A w) and Hessians (A)
+are known exactly. The callback runs n learners as threads of this process, with an in-process allreduce in
+place of Horovod's; one test runs it under real Horovod (one process, SSGD) and reads the event file back.
+"""
+
+import itertools
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import horovod.torch as hvd
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import horovod_dpsgd
+from horovod_dpsgd import diagnostics
+from horovod_dpsgd.callbacks import StepContext
+from horovod_dpsgd.diagnostics import (NoiseDiagnostics, consensus_distance, effective_learning_rate,
+                                       hessian_vector_product, landscape_noise, landscape_noise_hessian,
+                                       layer_consensus_distance, noise_strength)
+
+LR = 0.3
+N = 3  # learners
+
+
+def rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def sym(n, seed):
+    a = rand(n, n, seed=seed)
+    return (a + a.T) / 2
+
+
+W = [rand(3, seed=j) for j in range(N)]                # learner weights w_j
+A = [sym(3, seed=10 + j) for j in range(N)]            # Hessians of the learners' minibatch losses
+PROBE = [(sym(3, seed=20), None), (sym(3, seed=21), None)]
+H_PROBE = (PROBE[0][0] + PROBE[1][0]) / 2              # Hessian of the probe loss
+
+
+def closed_forms():
+    """Every logged quantity of one DPSGD step, from the definitions, in numpy."""
+    w = [x.numpy() for x in W]
+    a = [x.numpy() for x in A]
+    w_a = np.mean(w, 0)
+    g_a = np.mean([aj @ wj for aj, wj in zip(a, w)], 0)
+    g = H_PROBE.numpy() @ w_a
+    alpha_e = LR * (g_a @ g) / (g @ g)
+    d = np.mean([aj @ (wj - w_a) for aj, wj in zip(a, w)], 0)
+    return {
+        "alpha_e": alpha_e, "alpha_e_over_alpha": alpha_e / LR, "lr": LR,
+        "delta": LR ** 2 * (g_a @ g_a) - alpha_e ** 2 * (g @ g),
+        "delta2": LR ** 2 * (d @ d),
+        "delta2_hessian": LR ** 2 / N ** 2 * sum(np.sum((H_PROBE.numpy() @ (wj - w_a)) ** 2) for wj in w),
+        "consensus_distance": np.mean([np.sum((wj - w_a) ** 2) for wj in w]),
+        "consensus/first": np.mean([np.sum((wj - w_a)[:2] ** 2) for wj in w]),
+        "consensus/second": np.mean([np.sum((wj - w_a)[2:] ** 2) for wj in w]),
+        "norm_ga": np.linalg.norm(g_a), "norm_g": np.linalg.norm(g),
+        "loss": np.mean([0.5 * wj @ aj @ wj for aj, wj in zip(a, w)]),
+    }
+
+
+# ---------------------------------------------------------------- pure functions
+
+def test_effective_learning_rate_and_noise_strength_by_hand():
+    g, g_a = torch.tensor([2.0, 0.0]), torch.tensor([3.0, 4.0])
+    assert effective_learning_rate(LR, g_a, g) == pytest.approx(1.5 * LR, rel=1e-12)
+    assert noise_strength(LR, g_a, g) == pytest.approx(16 * LR ** 2, rel=1e-12)  # (0, 4) is orthogonal to g
+    assert math.isnan(effective_learning_rate(LR, g_a, torch.zeros(2)))
+    assert noise_strength(LR, g_a, torch.zeros(2)) == pytest.approx(25 * LR ** 2)
+
+
+def test_eq3_on_a_quadratic():
+    expected = closed_forms()
+    w_a = torch.stack(W).mean(0)
+    g_a = torch.stack([a @ w for a, w in zip(A, W)]).mean(0)
+    g = H_PROBE @ w_a
+    alpha_e, delta = effective_learning_rate(LR, g_a, g), noise_strength(LR, g_a, g)
+    assert alpha_e == pytest.approx(expected["alpha_e"], rel=1e-6)
+    assert delta == pytest.approx(expected["delta"], rel=1e-6)
+    assert LR ** 2 * float(g_a @ g_a) == pytest.approx(alpha_e ** 2 * float(g @ g) + delta, rel=1e-12)
+    assert delta >= 0
+
+
+def test_eq4_definition_on_a_quadratic():
+    w_a = torch.stack(W).mean(0)
+    own = [a @ w for a, w in zip(A, W)]
+    at_mean = [a @ w_a for a in A]
+    expected = closed_forms()["delta2"]
+    assert landscape_noise(LR, own, at_mean) == pytest.approx(expected, rel=1e-6)
+    mean_difference = torch.stack([o - m for o, m in zip(own, at_mean)]).mean(0)
+    assert landscape_noise(LR, mean_difference) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="per learner"):
+        landscape_noise(LR, own, at_mean[:2])
+
+
+def test_eq4_definition_vanishes_when_all_learners_share_one_quadratic():
+    # sum_j dW_j = 0, so n^-1 sum_j A dW_j = 0: only minibatch-dependent curvature contributes to Delta^(2).
+    w_a = torch.stack(W).mean(0)
+    a = A[0]
+    assert landscape_noise(LR, [a @ w for w in W], [a @ w_a] * N) < 1e-28
+    assert landscape_noise_hessian(LR, lambda v: a @ v, [w - w_a for w in W]) > 1e-3
+
+
+def test_eq4_hessian_form_equals_the_explicit_sum_over_H_H_C():
+    w_a = torch.stack(W).mean(0)
+    deltas = [w - w_a for w in W]
+    h = H_PROBE.numpy()
+    c = sum(np.outer(d, d) for d in (x.numpy() for x in deltas)) / N ** 2     # C_ll' = n^-2 sum_j dW_jl dW_jl'
+    explicit = LR ** 2 * np.einsum("kl,km,lm->", h, h, c)
+    assert landscape_noise_hessian(LR, lambda v: H_PROBE @ v, deltas) == pytest.approx(explicit, rel=1e-6)
+    assert explicit == pytest.approx(closed_forms()["delta2_hessian"], rel=1e-6)
+    # Per-rank partial sums (this rank's dW_j, num_learners=n) add up to the total.
+    parts = sum(landscape_noise_hessian(LR, lambda v: H_PROBE @ v, [d], num_learners=N) for d in deltas)
+    assert parts == pytest.approx(explicit, rel=1e-12)
+
+
+def test_eq4_hessian_form_is_the_minibatch_average_of_the_definition():
+    """Eq. 4's "~": averaged over independent minibatches, the definition's cross-learner terms leave
+    n^-2 sum_j dW_j^T (<H_mu^2> - H^2) dW_j. A two-sample data set with Hessians 0 and 2H (batch size 1,
+    mean H, <H_mu^2> = 2 H^2) makes that exactly the paper's alpha^2 sum H H C; for a quadratic the Taylor
+    expansion is exact, so both forms agree to rounding."""
+    h = sym(3, seed=30)
+    w_a = torch.stack(W).mean(0)
+    samples = [torch.zeros(3, 3, dtype=torch.float64), 2 * h]
+    definitions = [landscape_noise(LR, [s @ w for s, w in zip(draw, W)], [s @ w_a for s in draw])
+                   for draw in itertools.product(samples, repeat=N)]        # every assignment of samples
+    hessian_form = landscape_noise_hessian(LR, lambda v: h @ v, [w - w_a for w in W])
+    assert np.mean(definitions) == pytest.approx(hessian_form, rel=1e-9)
+
+
+def test_hessian_vector_product_by_double_backward():
+    w = torch.nn.Parameter(rand(4, seed=40))
+    a = sym(4, seed=41)
+    v = rand(4, seed=42)
+    hv = hessian_vector_product(lambda: (w ** 4).sum() / 4 + 0.5 * w @ a @ w, [w], v)
+    assert torch.allclose(hv, 3 * w.detach() ** 2 * v + a @ v, rtol=1e-12, atol=1e-12)
+    assert w.grad is None
+    deltas = [x - torch.stack(W).mean(0) for x in W]
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    autograd_form = landscape_noise_hessian(
+        LR, lambda u: hessian_vector_product(lambda: 0.5 * p @ H_PROBE @ p, [p], u), deltas)
+    assert autograd_form == pytest.approx(closed_forms()["delta2_hessian"], rel=1e-6)
+
+
+def test_consensus_distance_total_per_layer_and_per_rank():
+    expected = closed_forms()
+    assert consensus_distance(W) == pytest.approx(expected["consensus_distance"], rel=1e-12)
+    layers = layer_consensus_distance(W, {"first": slice(0, 2), "second": slice(2, 3)})
+    assert layers == {"first": pytest.approx(expected["consensus/first"], rel=1e-12),
+                      "second": pytest.approx(expected["consensus/second"], rel=1e-12)}
+    w_a = torch.stack(W).mean(0)
+    assert sum(consensus_distance([w], w_a, num_learners=N) for w in W) == pytest.approx(
+        expected["consensus_distance"], rel=1e-12)
+    assert consensus_distance([W[0]] * 4) == 0.0
+    with pytest.raises(ValueError, match="mean=w_a"):
+        consensus_distance([W[0]], num_learners=N)
+
+
+# ---------------------------------------------------------------- the callback, n learners as threads
+
+class Quadratic(torch.nn.Module):
+    """L_A(w) = 1/2 w^T A w, w = (first.weight, second.weight); a batch's inputs are its Hessian A."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.first, self.second = torch.nn.Module(), torch.nn.Module()
+        self.first.weight = torch.nn.Parameter(w[:2].clone())
+        self.second.weight = torch.nn.Parameter(w[2:].clone())
+        self.calls = 0
+
+    def forward(self, a):
+        self.calls += 1
+        w = torch.cat([self.first.weight, self.second.weight])
+        return 0.5 * w @ a @ w
+
+
+def quadratic_loss(output, target):
+    return output
+
+
+class FakeWorld:
+    """``n`` learners as threads; ``allreduce`` sums or averages what all of them contribute."""
+
+    def __init__(self, n):
+        self.n, self.slots, self.names = n, [None] * n, []
+        self.barrier = threading.Barrier(n, timeout=60)
+        self.local = threading.local()
+
+    def allreduce(self, tensor, name, average):
+        rank = getattr(self.local, "rank", 0)
+        self.slots[rank] = tensor.clone()
+        if rank == 0:
+            self.names.append(name)
+        self.barrier.wait()
+        total = torch.stack(self.slots).sum(0)
+        self.barrier.wait()
+        return total / self.n if average else total
+
+    def run(self, fn):
+        results, errors = [None] * self.n, []
+
+        def target(rank):
+            self.local.rank = rank
+            try:
+                results[rank] = fn(rank)
+            except BaseException as exc:  # noqa: B902 - re-raised in the main thread
+                errors.append(exc)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        if errors:
+            raise errors[0]
+        return results
+
+
+@pytest.fixture
+def world(monkeypatch):
+    w = FakeWorld(N)
+    monkeypatch.setattr(diagnostics, "_allreduce", w.allreduce)
+    return w
+
+
+def learner_steps(rank, steps, every, log_dir=None, hessian=True, observe=True):
+    model = Quadratic(W[rank])
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    diag = NoiseDiagnostics(model, quadratic_loss, PROBE, every=every, log_dir=log_dir, hessian=hessian)
+    for step in range(steps):
+        opt.zero_grad()
+        loss = quadratic_loss(model(A[rank]), None)
+        loss.backward()
+        if observe:
+            diag.observe(A[rank], None, loss)
+        before = [(p.detach().clone(), p.grad.clone()) for p in model.parameters()]
+        diag.on_before_mixing(StepContext(opt, step, rank, N, "dpsgd"))
+        for p, (w, g) in zip(model.parameters(), before):   # w_j and .grad restored bit for bit
+            assert torch.equal(p, w) and torch.equal(p.grad, g)
+    diag.close()
+    return diag
+
+
+def test_callback_logs_the_closed_forms_on_every_learner(world, tmp_path):
+    diags = world.run(lambda r: learner_steps(r, steps=2, every=2, log_dir=tmp_path if r == 0 else None))
+    expected = closed_forms()
+    for diag in diags:
+        assert diag.count == 1 and diag.last["step"] == 1
+        assert set(diag.last) == set(expected) | {"step"}
+        for key, value in expected.items():
+            assert diag.last[key] == pytest.approx(value, rel=1e-9), key
+    # TensorBoard, from rank 0 only, at the step count after the measured update.
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {diagnostics.TAGS.get(k, k) for k in expected}
+    for key, value in expected.items():
+        (event,) = events.Scalars(diagnostics.TAGS.get(key, key))
+        assert event.step == 2
+        assert event.value == pytest.approx(value, rel=1e-6), key
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_nothing_is_computed_on_other_steps(world):
+    loss_calls = [0] * N
+
+    def run(rank):
+        def counting_loss(output, target):
+            loss_calls[rank] += 1
+            return output
+
+        model = Quadratic(W[rank])
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        diag = NoiseDiagnostics(model, counting_loss, PROBE, every=4)
+        for step in range(3):
+            # Opaque objects: observe() may only keep references to them.
+            diag.observe(object(), object(), object())
+            diag.on_before_mixing(StepContext(opt, step, rank, N, "dpsgd"))
+        assert model.calls == 0 and loss_calls[rank] == 0 and diag.count == 0 and diag.last == {}
+        loss = model(A[rank])
+        loss.backward()
+        diag.observe(A[rank], None, loss)
+        diag.on_before_mixing(StepContext(opt, 3, rank, N, "dpsgd"))
+        return model.calls, diag.count
+
+    assert world.names == []
+    results = world.run(run)
+    assert world.names == ["weights_grads", "probe_grads", "scalars"]
+    # Step 3: 1 (the test's own forward) + 2 on the minibatch (at w_j and w_a) + 2 probe batches.
+    assert results == [(5, 1)] * N
+    assert loss_calls == [4] * N
+
+
+def test_missing_observe_skips_delta2_with_a_warning(world):
+    with pytest.warns(RuntimeWarning, match="observe"):
+        diags = world.run(lambda r: learner_steps(r, steps=1, every=1, hessian=False, observe=False))
+    assert "delta2" not in diags[0].last and "loss" not in diags[0].last
+    assert diags[0].last["alpha_e"] == pytest.approx(closed_forms()["alpha_e"], rel=1e-9)
+
+
+def test_dropout_and_batchnorm_leave_no_trace(monkeypatch):
+    # One learner: w_j = w_a, so Delta^(2) is exactly 0 only if both passes draw the same dropout masks.
+    world = FakeWorld(1)
+    monkeypatch.setattr(diagnostics, "_allreduce", world.allreduce)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.5), torch.nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    diag = NoiseDiagnostics(model, F.cross_entropy, probe, every=1, hessian=True)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    diag.observe(x, y, loss)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    diag.on_before_mixing(StepContext(opt, 0, 0, 1, "dpsgd"))
+    assert diag.last["delta2"] == 0.0 and diag.last["delta2_hessian"] == 0.0
+    assert diag.last["consensus_distance"] == 0.0
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())   # weights, BN statistics
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+
+
+@pytest.mark.parametrize("every", [0, -5, 2.5, "10", True, None])
+def test_invalid_every_is_rejected(every):
+    with pytest.raises(ValueError, match="every"):
+        NoiseDiagnostics(Quadratic(W[0]), quadratic_loss, PROBE, every=every)
+
+
+def test_invalid_arguments_are_rejected():
+    with pytest.raises(ValueError, match="probe"):
+        NoiseDiagnostics(Quadratic(W[0]), quadratic_loss, [])
+    with pytest.raises(ValueError, match="probe"):
+        NoiseDiagnostics(Quadratic(W[0]), quadratic_loss, [torch.zeros(3)])
+    with pytest.raises(TypeError, match="Module"):
+        NoiseDiagnostics(lambda x: x, quadratic_loss, PROBE)
+    with pytest.raises(TypeError, match="log_dir"):
+        NoiseDiagnostics(Quadratic(W[0]), quadratic_loss, PROBE, log_dir=3)
+
+
+# ---------------------------------------------------------------- real Horovod, one process, SSGD
+
+def test_ssgd_run_under_horovod_writes_the_documented_tags(tmp_path):
+    hvd.init()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    probe = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(2)]
+    diag = NoiseDiagnostics(model, F.cross_entropy, probe, every=2, log_dir=str(tmp_path))
+    opt = horovod_dpsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5),
+                                             named_parameters=model.named_parameters(), algorithm="ssgd",
+                                             callbacks=[diag])
+    params = list(model.parameters())
+    expected = {}
+    for step in range(4):
+        x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        diag.observe(x, y, loss)
+        if step % 2 == 1:   # the same quantities, computed here independently
+            g_a = torch.cat([p.grad.reshape(-1) for p in params]).double()
+            g = sum(torch.cat([t.reshape(-1) for t in torch.autograd.grad(F.cross_entropy(model(px), py), params)])
+                    for px, py in probe).double() / len(probe)
+            alpha_e = 0.5 * float(g_a @ g) / float(g @ g)
+            expected[step + 1] = {"noise/alpha_e": alpha_e, "noise/alpha_e_over_alpha": alpha_e / 0.5,
+                                  "grad/norm_ga": float(g_a.norm()), "grad/norm_g": float(g.norm()),
+                                  "diag/loss": loss.item(), "diag/lr": 0.5, "noise/delta2": 0.0,
+                                  "consensus/distance": 0.0, "consensus/0": 0.0, "consensus/2": 0.0,
+                                  "noise/delta": 0.25 * float(g_a @ g_a) - alpha_e ** 2 * float(g @ g)}
+        opt.step()
+    diag.close()
+    assert diag.count == 2 and diag.last["step"] == 3
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == set(expected[2])
+    for tag in expected[2]:
+        got = {e.step: e.value for e in events.Scalars(tag)}
+        assert sorted(got) == [2, 4]
+        for step, values in expected.items():
+            assert got[step] == pytest.approx(values[tag], rel=1e-5, abs=1e-9), (tag, step)
