@@ -16,14 +16,14 @@ name and renamed, so a crash never leaves a half-written checkpoint.
 
 import copy
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import horovod.torch as hvd
 
 from horovod_dpsgd.errors import DPSGDError
 
-__all__ = ["save", "load", "average_model", "CheckpointError"]
+__all__ = ["save", "load", "load_average", "average_model", "CheckpointError"]
 
 _FORMAT = 1
 
@@ -81,6 +81,28 @@ def load(directory: str, model: torch.nn.Module, optimizer: Optional[torch.optim
     if restore_rng:
         torch.set_rng_state(state["torch_rng"])
     return state["extra"]
+
+
+def load_average(directory: str, learner: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """The model state of a checkpoint without MPI: the mean over all learners' files (``w_a``),
+    or one learner's (``learner=j``). Returns ``(state_dict, extra)`` for offline evaluation."""
+    files = sorted(f for f in os.listdir(directory) if f.startswith("learner-") and f.endswith(".pt")) \
+        if os.path.isdir(directory) else []
+    if not files:
+        raise CheckpointError(f"no learner-*.pt files in {directory!r}; write them with checkpoint.save "
+                              "(horovod-dpsgd train --checkpoint-dir DIR writes DIR/last)")
+    if learner is not None:
+        if not 0 <= learner < len(files):
+            raise CheckpointError(f"--learner {learner}: the checkpoint has learners 0..{len(files) - 1}")
+        files = [files[learner]]
+    states = [torch.load(os.path.join(directory, f), map_location="cpu", weights_only=False) for f in files]
+    average = {}
+    for key, value in states[0]["model"].items():
+        if value.is_floating_point():
+            average[key] = sum(s["model"][key] for s in states) / len(states)
+        else:
+            average[key] = value
+    return average, states[0]["extra"]
 
 
 @torch.no_grad()

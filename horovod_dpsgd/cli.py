@@ -6,6 +6,7 @@
 """
 
 import json
+import os
 import shlex
 import subprocess
 from pathlib import Path
@@ -196,6 +197,90 @@ def topology(spec, size, seed, steps):
     for step in steps:
         with np.printoptions(precision=3, suppress=True):
             click.echo(f"W({step}) =\n{topo.mixing_matrix(step)}")
+
+
+def _landscape_options(grid_default: int, grid_help: str):
+    def wrap(f):
+        for option in reversed([
+            click.argument("checkpoint_dir", type=click.Path(exists=True, file_okay=False)),
+            click.option("--learner", type=click.IntRange(min=0), default=None,
+                         help="Use this learner's weights instead of the learners' average w_a."),
+            click.option("--grid", type=click.IntRange(min=2), default=grid_default, show_default=True, help=grid_help),
+            click.option("--span", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+                         help="Directions are scaled over [-span, span]."),
+            click.option("--batches", type=click.IntRange(min=1), default=2, show_default=True,
+                         help="Test batches the loss is averaged over."),
+            click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True,
+                         help="Test batch size."),
+            click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Dataset root."),
+            click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random directions."),
+            click.option("--out", type=click.Path(dir_okay=False), default=None,
+                         help="Output path without extension (default: CHECKPOINT_DIR/<command>)."),
+        ]):
+            f = option(f)
+        return f
+    return wrap
+
+
+def _checkpoint_model(checkpoint_dir, learner, batches, batch_size, data_dir):
+    """The checkpoint's model (averaged or one learner), test batches, and (rank, size, writer)."""
+    import torch
+    from horovod_dpsgd import checkpoint
+    from horovod_dpsgd.data import get_dataset
+    from horovod_dpsgd.models import get_model
+    try:
+        state, extra = checkpoint.load_average(checkpoint_dir, learner)
+    except checkpoint.CheckpointError as exc:
+        raise click.BadParameter(str(exc), param_hint="CHECKPOINT_DIR") from None
+    model = get_model(extra.get("model", "mlp"))
+    model.load_state_dict(state)
+    _, test_set = get_dataset(extra.get("task", "mnist"), data_dir=data_dir)
+    loader = torch.utils.data.DataLoader(test_set, batch_size=batch_size, shuffle=False)
+    data = [b for _, b in zip(range(batches), loader)]
+    rank, size = 0, 1
+    if "OMPI_COMM_WORLD_SIZE" in os.environ or "HOROVOD_RANK" in os.environ:  # under horovodrun: share the grid
+        import horovod.torch as hvd
+        hvd.init()
+        rank, size = hvd.rank(), hvd.size()
+    return model, data, rank, size
+
+
+@main.command()
+@_landscape_options(21, "Grid points per axis (the paper's Fig. 3 uses 50).")
+def landscape(checkpoint_dir, learner, grid, span, batches, batch_size, data_dir, seed, out):
+    """2-D test-loss contour around a checkpoint along two filter-normalised directions (paper Fig. 3)."""
+    import torch.nn.functional as F
+    from horovod_dpsgd.landscape import loss_contour, save_contour
+    model, data, rank, size = _checkpoint_model(checkpoint_dir, learner, batches, batch_size, data_dir)
+    result = loss_contour(model, F.cross_entropy, data, steps=grid, span=span, seed=seed, rank=rank, size=size)
+    if rank == 0:
+        files = _save_with_tensorboard(save_contour, result, out or os.path.join(checkpoint_dir, "landscape"))
+        click.echo(f"loss at the centre {result.values[grid // 2, grid // 2]:.4f}, range "
+                   f"{result.values.min():.4f}..{result.values.max():.4f}; wrote {', '.join(map(str, files))}")
+
+
+@main.command()
+@_landscape_options(4, "Grid points per axis (the paper's Fig. 4 uses 4).")
+@click.option("--iters", type=click.IntRange(min=2), default=30, show_default=True, help="Lanczos iterations per point.")
+def hessian(checkpoint_dir, learner, grid, span, batches, batch_size, data_dir, seed, out, iters):
+    """Heat map of |lambda_min| / |lambda_max| of the loss Hessian on a grid around a checkpoint (paper Fig. 4)."""
+    import torch.nn.functional as F
+    from horovod_dpsgd.landscape import hessian_ratio_map, save_heatmap
+    model, data, rank, size = _checkpoint_model(checkpoint_dir, learner, batches, batch_size, data_dir)
+    result = hessian_ratio_map(model, F.cross_entropy, data, steps=grid, span=span, seed=seed, iters=iters,
+                               rank=rank, size=size)
+    if rank == 0:
+        files = _save_with_tensorboard(save_heatmap, result, out or os.path.join(checkpoint_dir, "hessian"))
+        click.echo(f"|lambda_min|/|lambda_max| from {result.values.min():.3f} to {result.values.max():.3f}; "
+                   f"wrote {', '.join(map(str, files))}")
+
+
+def _save_with_tensorboard(save, result, path):
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(os.path.join(os.path.dirname(os.path.abspath(path)), "tb"))
+    files = save(result, path, writer=writer)
+    writer.close()
+    return list(files.values()) + [writer.log_dir]
 
 
 if __name__ == "__main__":

@@ -224,7 +224,8 @@ def train(cfg: TrainConfig) -> dict:
                     f"test accuracy {100 * accuracy:.2f}%  ({time.time() - started:.1f} s)")
         result.update(test_loss=test_loss, test_accuracy=accuracy, train_loss=train_loss)
         if cfg.checkpoint_dir:
-            checkpoint.save(os.path.join(cfg.checkpoint_dir, "last"), model, optimizer, extra={"epoch": epoch + 1})
+            checkpoint.save(os.path.join(cfg.checkpoint_dir, "last"), model, optimizer, extra={"epoch": epoch + 1, "task": cfg.task,
+                                                                                    "model": cfg.model})
     result["steps"] = optimizer.step_count
     metrics.record("end", optimizer.step_count, **result)
     metrics.close()
