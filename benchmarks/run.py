@@ -46,8 +46,8 @@ def rows(result):
                 row[f"{v} / horovod_ssgd"] = s[v] / base
         if "local_no_comm" in s and "dpsgd_random_peer" in s:
             row["dpsgd_random_peer / local_no_comm"] = s["dpsgd_random_peer"] / s["local_no_comm"]
-        if "dpsgd_diag50" in s and "dpsgd_random_peer" in s:
-            row["diagnostics every 50 steps overhead"] = s["dpsgd_diag50"] / s["dpsgd_random_peer"] - 1
+        if "dpsgd_diag50_overhead" in s:
+            row["diagnostics every 50 steps overhead"] = s["dpsgd_diag50_overhead"]
         e = m.get("exchange_s")
         if e:
             row["exchange efficiency vs raw Sendrecv"] = e["raw_sendrecv"] / e["plugin_mix"]
@@ -72,13 +72,25 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="2,4")
     parser.add_argument("--name", default="latest")
+    parser.add_argument("--diag-models", default="mlp1m,resnet18",
+                        help="models for the diagnostics-overhead pass (50-step repetitions, so each holds one "
+                             "diagnostic step at every=50); empty to skip")
     parser.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to step_time.py after --")
     args = parser.parse_args()
     extra = [a for a in args.bench_args if a != "--"]
     (HERE / "results").mkdir(exist_ok=True)
     results = []
     for np_ in [int(x) for x in args.sizes.split(",")]:
-        results.append(launch(np_, extra, HERE / "results" / f"{args.name}-np{np_}.json"))
+        result = launch(np_, extra, HERE / "results" / f"{args.name}-np{np_}.json")
+        if args.diag_models:
+            diag = launch(np_, ["--models", args.diag_models, "--variants", "dpsgd_random_peer,dpsgd_diag50",
+                                "--steps", "50", "--warmup", "3", "--reps", "5"],
+                          HERE / "results" / f"{args.name}-diag-np{np_}.json")
+            for model, entry in diag["models"].items():
+                step = entry["step_s"]
+                result["models"][model]["step_s"]["dpsgd_diag50_overhead"] = \
+                    step["dpsgd_diag50"] / step["dpsgd_random_peer"] - 1
+        results.append(result)
     table = [row for r in results for row in rows(r)]
     meta = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
             "python": platform.python_version(), "command": " ".join(sys.argv)}

@@ -26,7 +26,7 @@ MODELS = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10)),
     "resnet50": (lambda: torchvision.models.resnet50()),
 }
-VARIANTS = ("horovod_ssgd", "plugin_ssgd", "dpsgd_random_peer", "dpsgd_ring", "local_no_comm", "dpsgd_diag50")
+VARIANTS = ("horovod_ssgd", "plugin_ssgd", "dpsgd_random_peer", "dpsgd_ring", "local_no_comm")
 
 
 def build(variant, model_name, seed=0):
@@ -127,7 +127,7 @@ def main():
     results = {"size": hvd.size(), "batch_size": args.batch_size, "steps": args.steps, "reps": args.reps,
                "models": {}}
     for model_name in args.models.split(","):
-        variants = [v for v in args.variants.split(",")]
+        variants = args.variants.split(",")
         built = {v: build(v, model_name) for v in variants}
         nparams = sum(p.numel() for p in built[variants[0]][0].parameters())
         data, target = torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,))

@@ -160,6 +160,8 @@ def compare(np_, runs, seeds, target_accuracy, out, timeout, **options):
             click.echo("   " + cmp.one_line(results[-1]))
     click.echo("\n" + cmp.table(results, target_accuracy))
     plots = cmp.plot(out, [r["name"] for r in results], [r["seed"] for r in results])
+    if options["diag_every"]:
+        plots.append(cmp.plot_diagnostics(out, [r["name"] for r in results], seeds[0]))
     (Path(out) / "summary.json").write_text(json.dumps(results, indent=1))
     click.echo(f"\nplots: {', '.join(str(p) for p in plots)}\nTensorBoard: tensorboard --logdir {out}\n"
                f"summary: {Path(out) / 'summary.json'}")

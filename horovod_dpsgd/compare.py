@@ -7,7 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-__all__ = ["read_metrics", "summarize", "one_line", "table", "plot"]
+__all__ = ["read_metrics", "summarize", "one_line", "table", "plot", "plot_diagnostics"]
 
 
 def read_metrics(path) -> List[dict]:
@@ -22,7 +22,8 @@ def summarize(name: str, seed: int, records: Sequence[dict], target_accuracy: fl
     epochs = [r for r in records if r["kind"] == "epoch"]
     end = next((r for r in records if r["kind"] == "end"), {})
     diags = [r for r in records if r["kind"] == "diag" and "alpha_e_over_alpha" in r]
-    early = [r["alpha_e_over_alpha"] for r in diags[: max(1, len(diags) // 10)]]
+    quarter = max(1, len(diags) // 4)  # early training: the first quarter of the diagnostic steps
+    early = [r["alpha_e_over_alpha"] for r in diags[:quarter] if math.isfinite(r["alpha_e_over_alpha"])]
     return {
         "name": name, "seed": seed,
         "steps": end.get("steps", steps[-1]["step"] if steps else 0),
@@ -31,7 +32,7 @@ def summarize(name: str, seed: int, records: Sequence[dict], target_accuracy: fl
         "test_error": 1.0 - epochs[-1]["accuracy"] if epochs else math.nan,
         "best_test_error": 1.0 - max(r["accuracy"] for r in epochs) if epochs else math.nan,
         "steps_to_target": next((r["step"] for r in epochs if r["accuracy"] >= target_accuracy), None),
-        "early_alpha_e_over_alpha": statistics.mean(early) if early else None,
+        "early_alpha_e_over_alpha": statistics.median(early) if early else None,
     }
 
 
@@ -39,7 +40,7 @@ def one_line(s: dict) -> str:
     if s["diverged"]:
         return f"diverged at step {s['steps']}"
     return (f"{s['steps']} steps, final train loss {s['final_train_loss']:.4f}, test error {100 * s['test_error']:.2f}%"
-            + (f", early alpha_e/alpha {s['early_alpha_e_over_alpha']:.2f}" if s["early_alpha_e_over_alpha"] else ""))
+            + (f", median alpha_e/alpha in the first quarter {s['early_alpha_e_over_alpha']:.2f}" if s["early_alpha_e_over_alpha"] else ""))
 
 
 def _mean(values):
@@ -57,7 +58,7 @@ def table(results: Sequence[dict], target_accuracy: float) -> str:
     for r in results:
         by_name[r["name"]].append(r)
     lines = [f"| run | seeds | diverged | final train loss | test error % | best test error % | "
-             f"steps to {100 * target_accuracy:g}% acc. | early alpha_e/alpha |",
+             f"steps to {100 * target_accuracy:g}% acc. | alpha_e/alpha, first quarter (median) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, rs in by_name.items():
         ok = [r for r in rs if not r["diverged"]]
@@ -109,3 +110,38 @@ def plot(out_dir, names: Sequence[str], seeds: Sequence[int]) -> List[Path]:
         plt.close(fig)
         written.append(out_dir / filename)
     return written
+
+
+def plot_diagnostics(out_dir, names: Sequence[str], seed: int = 0) -> Path:
+    """One figure of the noise diagnostics of ``seed``'s run of each configuration:
+    alpha_e / alpha, Delta, Delta^(2) and the consensus distance against step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    panels = [("alpha_e_over_alpha", "alpha_e / alpha (Eq. 3)", False), ("delta", "Delta: noise strength (Eq. 3)", True),
+              ("delta2", "Delta^(2): DPSGD's extra noise (Eq. 4)", True),
+              ("consensus_distance", "consensus distance n^-1 sum |w_j - w_a|^2", True)]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+    for i, name in enumerate(dict.fromkeys(names)):
+        path = out_dir / f"{name}-seed{seed}" / "metrics.jsonl"
+        if not path.exists():
+            continue
+        recs = [r for r in read_metrics(path) if r["kind"] == "diag"]
+        for ax, (key, title, log) in zip(axes.flat, panels):
+            points = [(r["step"], r[key]) for r in recs if key in r and (not log or r[key] > 0)]
+            if points:
+                ax.plot(*zip(*points), color=f"C{i}", lw=1, label=name)
+            ax.set_title(title, fontsize=10)
+            if log:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    target = out_dir / "diagnostics.png"
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target
