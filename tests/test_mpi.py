@@ -89,6 +89,11 @@ def test_gaussian_noise_keeps_ssgd_replicas_identical(report):
     assert r["noise_effect"] > 1e-3
 
 
+def test_non_floating_parameters_are_not_exchanged_or_changed(report):
+    r = result(report, "frozen_integer_parameter_left_alone")
+    assert r == {"counter": [0, 1, 2], "steps": 3}
+
+
 def test_checkpoint_resume_reproduces_the_uninterrupted_run_bit_for_bit(report):
     r = result(report, "checkpoint_resume_bit_exact")
     assert r["diff"] == 0.0

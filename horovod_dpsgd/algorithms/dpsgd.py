@@ -38,7 +38,6 @@ class DPSGD(StepTracking):
                 raise ParameterMismatchError(
                     f"parameter {name!r} has dtype {p.dtype}; DPSGD averages weights and needs floating-point "
                     "parameters: give it requires_grad=False or leave it out of the optimizer")
-        self._names = [n for n, _ in named]
         self._flat = FlatParameters([p for _, p in named], cuda_aware=cuda_aware)
         self._comm = communicator(self._rank, self._size, timeout)
         self._check_same_parameters(named)
@@ -84,7 +83,7 @@ class DPSGD(StepTracking):
             if plan.collective:
                 transfers.append(Transfer(send, None, [group.mixed]))
             elif plan.peers:
-                wire, ctx = self._compression.compress(send)
+                wire, _ = self._compression.compress(send)
                 transfers.append(Transfer(wire, plan.peers, group.recv_buffers(len(plan.peers), wire.dtype)))
         self._plan = plan
         self._handle = self._exchange.start(transfers, self._step_count, plan.peers) if transfers else None

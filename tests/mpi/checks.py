@@ -224,6 +224,18 @@ def _():
             "noise_effect": float((out[1] - out[0]).abs().max())}
 
 
+@check("frozen_integer_parameter_left_alone")
+def _():
+    model = make_model()
+    counter = torch.nn.Parameter(torch.arange(3), requires_grad=False)  # non-floating: cannot be trained
+    opt = hd.DistributedOptimizer(torch.optim.SGD(list(model.parameters()) + [counter], lr=0.1))
+    for t in range(3):
+        opt.zero_grad()
+        loss_fn(model, RANK, t).backward()
+        opt.step()
+    return {"counter": counter.tolist(), "steps": opt.step_count}
+
+
 def expect_error(fn, exc_type):
     try:
         fn()
