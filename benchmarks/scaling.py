@@ -52,9 +52,10 @@ def predict(scheme, n, nbytes, alpha, beta):
 
 
 def fit(points):
-    """Least-squares alpha, beta from (bytes, seconds) of single messages."""
-    x = np.array([[1.0, b] for b, _ in points])
-    y = np.array([t for _, t in points])
+    """alpha, beta from (bytes, seconds) of single messages, least squares in *relative* error
+    (so 1 KiB and 64 MiB messages count alike; plain least squares lets the largest ones decide alpha)."""
+    x = np.array([[1.0 / t, b / t] for b, t in points])
+    y = np.ones(len(points))
     (alpha, inv_beta), *_ = np.linalg.lstsq(x, y, rcond=None)
     return max(alpha, 0.0), 1.0 / inv_beta
 
