@@ -89,6 +89,8 @@ class FlatGroup:
         torch._foreach_copy_(self._pack_views, self.params)
         if self._staging is not None:
             self.send.copy_(self._staging)
+        elif self.send.is_cuda:  # CUDA-aware MPI reads the buffer directly: the copies must have finished
+            torch.cuda.current_stream(self.send.device).synchronize()
         return self.send
 
     @torch.no_grad()
