@@ -62,7 +62,8 @@ def _learners(vectors: Vectors) -> List[torch.Tensor]:
 
 
 def _mean(vectors: Vectors) -> torch.Tensor:
-    return torch.stack(_learners(vectors)).mean(0)
+    vs = _learners(vectors)
+    return vs[0] if len(vs) == 1 else torch.stack(vs).mean(0)
 
 
 def effective_learning_rate(lr: float, g_a: torch.Tensor, g: torch.Tensor) -> float:
@@ -170,7 +171,8 @@ def layer_consensus_distance(weights: Vectors, slices: Mapping[str, slice], mean
     ws = _learners(weights)
     w_a = torch.stack(ws).mean(0) if mean is None else _f64(mean)
     n = len(ws) if num_learners is None else num_learners
-    return {name: consensus_distance([w[s] for w in ws], w_a[s], n) for name, s in slices.items()}
+    diffs = [w - w_a for w in ws]  # once, then one dot product per slice
+    return {name: sum(_dot(d[s], d[s]) for d in diffs) / n for name, s in slices.items()}
 
 
 def _grads(loss: torch.Tensor, params: Sequence[torch.Tensor], **kw) -> List[torch.Tensor]:
