@@ -96,6 +96,29 @@ class _Metrics:
             self.writer.close()
 
 
+class _Progress:
+    """Rank 0's progress through an epoch: a bar on a terminal; under horovodrun, whose output is a pipe,
+    a line at each quarter of an epoch of 20 steps or more."""
+
+    def __init__(self, active: bool, total: int, label: str):
+        self.bar = click.progressbar(length=total, label=label, file=sys.stderr) \
+            if active and sys.stderr.isatty() else None
+        self.marks = {total * q // 4 for q in (1, 2, 3)} if active and self.bar is None and total >= 20 else set()
+        self.total, self.label, self.done = total, label, 0
+
+    def update(self, loss: float) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.done in self.marks:
+            click.echo(f"  {self.label}: {self.done}/{self.total} steps, loss {loss:.4f} (rank 0)")
+            sys.stdout.flush()
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.render_finish()
+
+
 def _loaders(cfg: TrainConfig, train_set, test_set):
     rank, size = hvd.rank(), hvd.size()
     # drop_last: every learner runs the same number of steps (a decentralized exchange needs it).
@@ -181,8 +204,7 @@ def train(cfg: TrainConfig) -> dict:
         sampler.set_epoch(epoch)
         started = time.time()
         running, epoch_sum = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-        bar = click.progressbar(length=steps_per_epoch, label=f"epoch {epoch + 1}", file=sys.stderr) \
-            if rank == 0 and not cfg.quiet and sys.stderr.isatty() else None
+        progress = _Progress(rank == 0 and not cfg.quiet, steps_per_epoch, f"epoch {epoch + 1}")
         for data, target in train_loader:
             optimizer.zero_grad()
             loss = F.cross_entropy(model(data), target)
@@ -204,12 +226,10 @@ def train(cfg: TrainConfig) -> dict:
                     result["diverged"] = True
             if diagnostics is not None and diagnostics.last and diagnostics.last.get("step") == step - 1:
                 metrics.record("diag", step, **{k: v for k, v in diagnostics.last.items() if k != "step"})
-            if bar is not None:
-                bar.update(1)
+            progress.update(float(observed[0]))
             if result["diverged"] or step >= total_steps:
                 break
-        if bar is not None:
-            bar.render_finish()
+        progress.finish()
         if result["diverged"]:
             metrics.say(f"epoch {epoch + 1}: training loss is NaN/inf: diverged at step {optimizer.step_count}")
             break
