@@ -31,12 +31,17 @@ def result(report, name):
 
 
 @pytest.mark.parametrize("topology", ["ring", "random_peer", "exponential", "random_graph", "ring_passes2",
-                                      "user_matrix", "sparse_gradients"])
+                                      "user_matrix", "sparse_gradients", "ring_no_comm_thread"])
 def test_dpsgd_equals_single_process_reference(report, topology):
     r = result(report, f"reference_{topology}")
     assert r["max_abs_diff"] <= 1e-6
     assert r["steps"] == 6
     assert r["learner_spread"] > 1e-4, "learners should hold different weights under DPSGD"
+
+
+def test_fp16_compression_of_the_exchanged_weights_stays_close_to_the_reference(report):
+    r = result(report, "reference_random_peer_fp16_wire")
+    assert 0 < r["max_abs_diff"] <= 5e-3  # peers' weights travel in float16 (about 3 significant digits)
 
 
 def test_full_averaging_gives_global_mean_minus_own_update(report):

@@ -52,11 +52,11 @@ class EmbeddingBag(torch.nn.Module):
         return self.head(self.emb(idx).mean(1))
 
 
-def dpsgd_vs_reference(topology, passes=1, steps=6, make=make_model, momentum=0.9):
+def dpsgd_vs_reference(topology, passes=1, steps=6, make=make_model, momentum=0.9, **options):
     model = make()
     sgd = (lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-4 if momentum else 0.0))
     opt = hd.DistributedOptimizer(sgd(model), named_parameters=model.named_parameters(),
-                                  backward_passes_per_step=passes, topology=topology, seed=3)
+                                  backward_passes_per_step=passes, topology=topology, seed=3, **options)
     for t in range(steps):
         opt.zero_grad()
         for k in range(passes):
@@ -74,6 +74,8 @@ for topo in ("ring", "random_peer", "exponential", "random_graph"):
     check(f"reference_{topo}")(lambda topo=topo: dpsgd_vs_reference(topo))
 check("reference_ring_passes2")(lambda: dpsgd_vs_reference("ring", passes=2))
 check("reference_sparse_gradients")(lambda: dpsgd_vs_reference("ring", make=EmbeddingBag, momentum=0.0))
+check("reference_ring_no_comm_thread")(lambda: dpsgd_vs_reference("ring", overlap=False))
+check("reference_random_peer_fp16_wire")(lambda: dpsgd_vs_reference("random_peer", compression=hvd.Compression.fp16))
 check("reference_user_matrix")(lambda: dpsgd_vs_reference(hd.topology.ring(SIZE).mixing_matrix()))
 
 
