@@ -94,6 +94,12 @@ def test_gaussian_noise_keeps_ssgd_replicas_identical(report):
     assert r["noise_effect"] > 1e-3
 
 
+def test_callbacks_see_own_then_mixed_then_updated_weights(report):
+    r = result(report, "callback_contract")
+    assert r["order"] == [["before_mixing", "after_mixing", "after_update", True, True, True]] * 3
+    assert r["max_abs_diff"] <= 1e-6
+
+
 def test_non_floating_parameters_are_not_exchanged_or_changed(report):
     r = result(report, "frozen_integer_parameter_left_alone")
     assert r == {"counter": [0, 1, 2], "steps": 3}

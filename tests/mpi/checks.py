@@ -226,6 +226,50 @@ def _():
             "noise_effect": float((out[1] - out[0]).abs().max())}
 
 
+class Recorder(hd.Callback):
+    """Snapshots of the flat parameters and gradients at each hook."""
+
+    def __init__(self):
+        self.seen = []
+
+    def _snap(self, hook, ctx):
+        flat = torch.cat([p.detach().reshape(-1) for p in ctx.parameters()]).clone()
+        grad = torch.cat([p.grad.reshape(-1) for p in ctx.parameters()]).clone()
+        self.seen.append((hook, ctx.step, ctx.rank, ctx.size, flat, grad))
+
+    def on_before_mixing(self, ctx):
+        self._snap("before_mixing", ctx)
+
+    def on_after_mixing(self, ctx):
+        self._snap("after_mixing", ctx)
+
+    def on_after_update(self, ctx):
+        self._snap("after_update", ctx)
+
+
+@check("callback_contract")
+def _():
+    """Parameters are w_j(t), then w_s,j(t) = sum_k W_jk w_k(t), then w_s,j(t) - lr g_j at the three hooks."""
+    lr, recorder = 0.1, Recorder()
+    model = make_model(seed=RANK)
+    opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=lr), topology="ring",
+                                  callbacks=[recorder])
+    worst, order = 0.0, []
+    w = opt.topology.mixing_matrix(0)
+    for t in range(3):
+        opt.zero_grad()
+        loss_fn(model, RANK, t).backward()
+        before = all_weights(model)  # w_k(t) of every learner
+        recorder.seen.clear()
+        opt.step()
+        (h0, s0, r0, n0, w_j, g_j), (h1, _, _, _, w_s, _), (h2, _, _, _, w_next, _) = recorder.seen
+        order.append([h0, h1, h2, s0 == t, r0 == RANK, n0 == SIZE])
+        expected_mix = sum(w[RANK, k] * before[k] for k in range(SIZE))
+        worst = max(worst, float((w_j - before[RANK]).abs().max()), float((w_s - expected_mix).abs().max()),
+                    float((w_next - (w_s - lr * g_j)).abs().max()))
+    return {"order": order, "max_abs_diff": worst}
+
+
 @check("frozen_integer_parameter_left_alone")
 def _():
     model = make_model()
