@@ -375,6 +375,10 @@ class NoiseDiagnostics(Callback):
                     b.copy_(value)
         reduced = _allreduce(probe if diff_j is None else torch.cat([probe, diff_j]), "probe_grads", average=True)
         g, diff = reduced[:numel], reduced[numel:]
+        # Convert each vector to float64 once; the functions below then use them without converting again.
+        w_a = _f64(w_a) if w_a is not w_j else None
+        w_j, g_a, g, diff = _f64(w_j), _f64(g_a), _f64(g), _f64(diff)
+        w_a = w_j if w_a is None else w_a
         layers = self._layers(params)
         per_layer = layer_consensus_distance([w_j], layers, mean=w_a, num_learners=n)
         loss = math.nan if batch is None or batch[2] is None else float(
