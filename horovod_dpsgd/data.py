@@ -11,8 +11,9 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["DatasetNotFoundError", "mnist_sample", "mnist", "cifar10", "synthetic_sequences", "get_dataset",
+__all__ = ["DatasetNotFoundError", "mnist_sample", "mnist", "cifar10", "synthetic_sequences", "shard", "get_dataset",
            "MNIST_MEAN", "MNIST_STD"]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -58,17 +59,20 @@ def _missing(name: str, root: str, expected: str, exc: Exception) -> DatasetNotF
 
 
 def mnist(data_dir: str, flatten: bool = True, download: bool = False) -> Tuple[Dataset, Dataset]:
-    """torchvision MNIST from ``data_dir`` (``data_dir/MNIST/raw/*-ubyte[.gz]``)."""
+    """torchvision MNIST from ``data_dir``: ``data_dir/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``.
+
+    The files must be uncompressed: torchvision only unpacks ``.gz`` files it downloads itself.
+    """
     import torchvision.transforms as T
     from torchvision.datasets import MNIST
     steps = [T.ToTensor(), T.Normalize((MNIST_MEAN,), (MNIST_STD,))]
     if flatten:
-        steps.append(T.Lambda(lambda t: t.view(-1)))
+        steps.append(T.Lambda(torch.flatten))  # picklable, for DataLoader workers started with spawn
     try:
         return tuple(MNIST(data_dir, train=train, transform=T.Compose(steps), download=download)
                      for train in (True, False))
     except RuntimeError as exc:
-        raise _missing("MNIST", data_dir, "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", exc) from None
+        raise _missing("MNIST", data_dir, "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (gunzipped)", exc) from None
 
 
 def cifar10(data_dir: str, augment: bool = True, download: bool = False) -> Tuple[Dataset, Dataset]:
@@ -100,6 +104,17 @@ def synthetic_sequences(num_samples: int = 4096, seq_len: int = 32, input_dim: i
     x = prototypes[labels] + 1.5 * torch.randn(num_samples, seq_len, input_dim, generator=g)
     n_test = int(num_samples * test_fraction)
     return TensorDataset(x[n_test:], labels[n_test:]), TensorDataset(x[:n_test], labels[:n_test])
+
+
+def shard(dataset: Dataset, rank: int, size: int, seed: int = 0, shuffle: bool = True) -> DistributedSampler:
+    """Sampler giving rank ``rank`` of ``size`` its shard of ``dataset``, the same length on every rank.
+
+    ``drop_last=True``: the last ``len(dataset) % size`` samples of each epoch's permutation are dropped
+    rather than padded, so every rank runs the same number of steps; a rank that runs fewer steps leaves
+    its neighbours waiting in a decentralized exchange. Call ``set_epoch(epoch)`` on it every epoch to
+    reshuffle; pass it as ``sampler=`` to a ``DataLoader`` with ``drop_last=True`` too.
+    """
+    return DistributedSampler(dataset, num_replicas=size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
 
 
 def get_dataset(task: str, data_dir: Optional[str] = None, download: bool = False) -> Tuple[Dataset, Dataset]:

@@ -20,6 +20,7 @@ import horovod.torch as hvd
 
 from horovod_dpsgd import checkpoint
 from horovod_dpsgd.callbacks import GaussianNoise
+from horovod_dpsgd.data import shard
 from horovod_dpsgd.optimizer import DistributedOptimizer
 from horovod_dpsgd.recipes import lr_multiplier, scaled_lr
 
@@ -121,9 +122,7 @@ class _Progress:
 
 def _loaders(cfg: TrainConfig, train_set, test_set):
     rank, size = hvd.rank(), hvd.size()
-    # drop_last: every learner runs the same number of steps (a decentralized exchange needs it).
-    sampler = torch.utils.data.distributed.DistributedSampler(train_set, size, rank, shuffle=True, seed=cfg.seed,
-                                                              drop_last=True)
+    sampler = shard(train_set, rank, size, seed=cfg.seed)  # same number of steps on every learner
     if isinstance(train_set, torch.utils.data.TensorDataset):  # in memory: fetch a whole batch in one indexing op
         train_loader = torch.utils.data.DataLoader(
             train_set, sampler=torch.utils.data.BatchSampler(sampler, cfg.batch_size, drop_last=True), batch_size=None)

@@ -14,8 +14,9 @@ from horovod_dpsgd.models.googlenet import googlenet
 from horovod_dpsgd.models.lstm import lstm
 from horovod_dpsgd.models.mlp import MLP
 from horovod_dpsgd.models.mobilenet import mobilenet, mobilenet_v2
-from horovod_dpsgd.models.resnet import resnet18, senet18
+from horovod_dpsgd.models.resnet import resnet18
 from horovod_dpsgd.models.resnext import resnext29_2x64d
+from horovod_dpsgd.models.senet import senet18
 from horovod_dpsgd.models.shufflenet import shufflenet, shufflenet_g2
 from horovod_dpsgd.models.vgg import vgg19
 
