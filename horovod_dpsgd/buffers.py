@@ -46,10 +46,6 @@ class FlatGroup:
             offset += p.numel()
         return views
 
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.send.element_size()
-
     def recv_buffers(self, count: int, dtype: torch.dtype) -> List[torch.Tensor]:
         """``count`` receive buffers of this group's size in ``dtype`` (allocated once, reused)."""
         if any(b.dtype != dtype for b in self._recv):
@@ -112,11 +108,3 @@ class FlatParameters:
         for (dtype, device), ps in groups.items():
             comm_device = device if (device.type == "cpu" or cuda_aware) else torch.device("cpu")
             self.groups.append(FlatGroup(ps, comm_device))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(g.nbytes for g in self.groups)
-
-    def signature(self) -> Tuple:
-        """``(dtype, shape)`` of every parameter, to compare across ranks."""
-        return tuple((str(p.dtype), tuple(p.shape)) for g in self.groups for p in g.params)
