@@ -35,15 +35,16 @@ def build(variant, model_name, seed=0):
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     named = [(f"{variant}.{n}", p) for n, p in model.named_parameters()]
     callbacks = []
-    if variant == "dpsgd_diag50":
+    if variant.startswith("dpsgd_diag50"):
         from horovod_dpsgd.diagnostics import NoiseDiagnostics
         probe = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
-        callbacks = [NoiseDiagnostics(model, F.cross_entropy, probe, every=50)]
+        callbacks = [NoiseDiagnostics(model, F.cross_entropy, probe, every=50,
+                                      reuse_grad=variant == "dpsgd_diag50_reuse_grad")]
     if variant == "horovod_ssgd":
         opt = hvd.DistributedOptimizer(opt, named_parameters=named)
     elif variant == "plugin_ssgd":
         opt = horovod_dpsgd.DistributedOptimizer(opt, named_parameters=named, algorithm="ssgd")
-    elif variant in ("dpsgd_random_peer", "dpsgd_diag50"):
+    elif variant in ("dpsgd_random_peer", "dpsgd_diag50", "dpsgd_diag50_reuse_grad"):
         opt = horovod_dpsgd.DistributedOptimizer(opt, named_parameters=named, topology="random_peer",
                                                  callbacks=callbacks)
     elif variant == "dpsgd_random_peer_inline":
@@ -54,20 +55,37 @@ def build(variant, model_name, seed=0):
 
 
 def run_steps(model, opt, callbacks, data, target, steps):
-    start = time.perf_counter()
+    """The time of each of ``steps`` training steps."""
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         opt.zero_grad()
         loss = F.cross_entropy(model(data), target)
         loss.backward()
         for cb in callbacks:
             cb.observe(data, target, loss)
         opt.step()
-    return (time.perf_counter() - start) / steps
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def diagnostics_overhead(times):
+    """Extra time of the steps in ``times`` over as many typical (median) steps, relative to those.
+
+    Measured within one run of a variant, so it does not depend on the noise between variants:
+    a 50-step repetition at every=50 holds one diagnostic step.
+    """
+    typical = statistics.median(times)
+    return (sum(times) - len(times) * typical) / (len(times) * typical)
 
 
 def time_exchange(opt, nbytes, reps, comm):
-    """Mixing one model (pack, exchange, mix, unpack) vs raw Sendrecv and hvd.allreduce of the same bytes."""
-    out = {"plugin_mix": [], "raw_sendrecv": [], "hvd_allreduce": []}
+    """Exchanging one model's weights with a peer and mixing them in, vs raw Sendrecv and hvd.allreduce.
+
+    ``plugin_transfer`` is the exchange alone (sending from the parameters, receiving into a
+    buffer); ``plugin_mix`` adds mixing the received weights into the parameters.
+    """
+    out = {"plugin_transfer": [], "plugin_mix": [], "raw_sendrecv": [], "hvd_allreduce": []}
     numel = nbytes // 4
     send, recv = torch.ones(numel), torch.empty(numel)
     peer_of = opt.topology.partners
@@ -75,11 +93,12 @@ def time_exchange(opt, nbytes, reps, comm):
         step = opt.step_count + rep
         comm.Barrier()
         t0 = time.perf_counter()
-        opt._pending = True            # benchmark-only: drive one exchange without a training step
-        opt._start_exchange()
-        opt.synchronize()
-        opt._pending = opt._synchronized = False
+        opt._start_exchange()          # benchmark-only: drive one exchange without a training step
+        opt._handle.wait()
+        t1 = time.perf_counter()
+        opt._mix()
         out["plugin_mix"].append(time.perf_counter() - t0)
+        out["plugin_transfer"].append(t1 - t0)
         peer = int(peer_of(opt.step_count)[comm.Get_rank()])
         comm.Barrier()
         t0 = time.perf_counter()
@@ -132,16 +151,22 @@ def main():
         nparams = sum(p.numel() for p in built[variants[0]][0].parameters())
         data, target = torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,))
         times = {v: [] for v in variants}
+        overhead = {v: [] for v in variants if built[v][2]}
         for v in variants:
             run_steps(*built[v], data, target, args.warmup)
         for rep in range(args.reps):
             for v in variants:
                 comm.Barrier()
                 t = run_steps(*built[v], data, target, args.steps)
-                times[v].append(max(comm.allgather(t)))  # a step is as slow as the slowest learner
+                # A step is as slow as the slowest learner.
+                times[v].append(max(comm.allgather(statistics.mean(t))))
+                if v in overhead:
+                    overhead[v].append(max(comm.allgather(diagnostics_overhead(t))))
         entry = {"params": nparams, "step_s": {v: statistics.median(ts) for v, ts in times.items()}}
+        if overhead:
+            entry["diagnostics_overhead"] = {v: statistics.median(o) for v, o in overhead.items()}
         if "dpsgd_random_peer" in built:
-            entry["exchange_s"] = time_exchange(built["dpsgd_random_peer"][1], 4 * nparams, args.reps, comm)
+            entry["exchange_s"] = time_exchange(built["dpsgd_random_peer"][1], 4 * nparams, max(args.reps, 20), comm)
         results["models"][model_name] = entry
         if hvd.rank() == 0:
             print(json.dumps({model_name: entry}), flush=True)

@@ -1,23 +1,43 @@
-"""Contiguous communication buffers for a list of parameters.
+"""The parameters' contiguous storage, which the exchange sends from and mixes into.
 
-Parameters are grouped by ``(dtype, device)``; each group is packed into one flat buffer, so
-an exchange sends one message per peer and dtype, never one per tensor. Views into the
-buffers are built once, and packing/unpacking are single ``torch._foreach_copy_`` calls.
+Parameters are grouped by ``(dtype, device)``. Each group's parameters are moved into one flat
+tensor (``param.data`` becomes a view into it, as in apex's and DeepSpeed's flat parameter
+buffers), so an exchange sends one message per peer and dtype straight from the parameters,
+without a packing copy, and mixing is one kernel over the whole group.
 """
 
 from typing import List, Sequence, Tuple
 
 import torch
 
+from horovod_dpsgd.errors import ParameterMismatchError
+
 __all__ = ["FlatGroup", "FlatParameters"]
 
 
-class FlatGroup:
-    """Parameters of one dtype and device, and the flat buffers that carry them.
+def _is_dense(t: torch.Tensor) -> bool:
+    """True if ``t``'s elements fill exactly ``t.numel()`` consecutive storage slots (any dim order)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
-    ``send`` holds the packed parameters, ``mixed`` the result of mixing; both live on
-    ``comm_device`` (the parameters' device, or the host when CUDA tensors are staged
-    through host memory).
+
+def _view(flat: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """``flat[offset:offset + like.numel()]`` shaped like ``like``, keeping its memory format when dense."""
+    if _is_dense(like):
+        return flat.as_strided(like.shape, like.stride(), flat.storage_offset() + offset)
+    return flat[offset:offset + like.numel()].view(like.shape)
+
+
+class FlatGroup:
+    """Parameters of one dtype and device, stored as views into one flat tensor.
+
+    ``flat`` is the parameters' storage. ``send`` is what goes on the wire: ``flat`` itself, or
+    a pinned host copy when CUDA parameters are staged through host memory (``comm_device``
+    is the host, without CUDA-aware MPI).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], comm_device: torch.device):
@@ -26,79 +46,95 @@ class FlatGroup:
         self.device = self.params[0].device
         self.comm_device = comm_device
         self.numel = sum(p.numel() for p in self.params)
-        pin = self.device.type == "cuda" and comm_device.type == "cpu"
-        self.send = torch.empty(self.numel, dtype=self.dtype, device=comm_device, pin_memory=pin)
-        self.mixed = torch.empty(self.numel, dtype=self.dtype, device=comm_device, pin_memory=pin)
+        self.flat = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        self._adopt()
+        staged = comm_device != self.device
+        self._pin = self.device.type == "cuda" and comm_device.type == "cpu"
+        self.send = self._buffer(self.dtype) if staged else self.flat
+        self._sum = None
         self._recv: List[torch.Tensor] = []
-        self._recv_views = {}  # data_ptr of a receive buffer -> per-parameter views into it
-        # Staging buffer on the parameters' device when communication happens on the host.
-        self._staging = None if comm_device == self.device else torch.empty(
-            self.numel, dtype=self.dtype, device=self.device)
-        packed = self._staging if self._staging is not None else self.send
-        self._pack_views = self._views(packed)
-        self._unpack_src = self._staging if self._staging is not None else self.mixed
-        self._unpack_views = self._views(self._unpack_src)
 
-    def _views(self, flat: torch.Tensor) -> List[torch.Tensor]:
-        views, offset = [], 0
+    def _buffer(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(self.numel, dtype=dtype, device=self.comm_device, pin_memory=self._pin)
+
+    @torch.no_grad()
+    def _adopt(self) -> None:
+        """Copy the parameters into ``flat`` and make each ``param.data`` a view of it."""
+        offset = 0
         for p in self.params:
-            views.append(flat[offset:offset + p.numel()].view_as(p))
+            view = _view(self.flat, offset, p)
+            view.copy_(p)
+            p.data = view
             offset += p.numel()
-        return views
+        self._data_ptrs = [p.data_ptr() for p in self.params]
+
+    def _check_storage(self) -> None:
+        """Re-adopt parameters whose storage was replaced (e.g. ``param.data = ...``, a checkpoint loader)."""
+        if all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._data_ptrs)):
+            return
+        for p in self.params:
+            if p.dtype != self.dtype or p.device != self.device:
+                raise ParameterMismatchError(
+                    f"a parameter moved from {self.dtype} on {self.device} to {p.dtype} on {p.device} after the "
+                    "DPSGD optimizer was built; move the model (model.to(...)) before building the optimizer")
+        self._adopt()
+
+    @torch.no_grad()
+    def send_buffer(self) -> torch.Tensor:
+        """The group's weights, ready for MPI to read: ``flat`` itself, or its host copy when staging."""
+        self._check_storage()
+        if self.send is not self.flat:
+            self.send.copy_(self.flat)
+        elif self.flat.is_cuda:  # CUDA-aware MPI reads the buffer directly: pending writes must have finished
+            torch.cuda.current_stream(self.flat.device).synchronize()
+        return self.send
 
     def recv_buffers(self, count: int, dtype: torch.dtype) -> List[torch.Tensor]:
         """``count`` receive buffers of this group's size in ``dtype`` (allocated once, reused)."""
         if any(b.dtype != dtype for b in self._recv):
-            self._recv, self._recv_views = [], {}
+            self._recv = []
         while len(self._recv) < count:
-            buf = torch.empty(self.numel, dtype=dtype, device=self.comm_device, pin_memory=self.send.is_pinned())
-            self._recv.append(buf)
-            self._recv_views[buf.data_ptr()] = self._views(buf)
+            self._recv.append(self._buffer(dtype))
         return self._recv[:count]
+
+    def sum_buffer(self) -> torch.Tensor:
+        """The buffer an allreduce of ``send`` writes the sum into (allocated once, reused)."""
+        if self._sum is None:
+            self._sum = self._buffer(self.dtype)
+        return self._sum
 
     @torch.no_grad()
     def mix(self, self_weight: float, peers: Sequence[Tuple[float, torch.Tensor]]) -> None:
-        """Set the parameters to ``self_weight * w_own + sum_k weight_k * w_k``.
+        """Set the parameters to ``self_weight * w_own + sum_k weight_k * w_k``, in place.
 
-        ``w_own`` is the packed ``send`` buffer, which the parameters still equal; ``peers``
-        are ``(weight_k, flat w_k)`` pairs. Without host staging the result is computed in
-        place in the parameters (no extra pass over a result buffer).
+        ``peers`` are ``(weight_k, flat w_k)`` pairs in this group's dtype. When staging, the mix is
+        computed in the host copy (which still equals the parameters) and copied back.
         """
-        if self._staging is None:
-            views = [self._recv_views.get(flat.data_ptr()) or self._views(flat.to(self.dtype)) for _, flat in peers]
-            if len(peers) == 1 and abs(self_weight + peers[0][0] - 1.0) < 1e-12:
-                # One peer (random peer): w + a (w_k - w), a single pass over the parameters.
-                torch._foreach_lerp_(self.params, views[0], peers[0][0])
-                return
-            torch._foreach_mul_(self.params, self_weight)
-            for (weight, _), peer_views in zip(peers, views):
-                torch._foreach_add_(self.params, peer_views, alpha=weight)
+        target = self.send
+        if len(peers) == 1 and abs(self_weight + peers[0][0] - 1.0) < 1e-12:
+            # One peer (random peer): w + a (w_k - w), a single pass.
+            target.lerp_(peers[0][1], peers[0][0])
         else:
-            torch.mul(self.send, self_weight, out=self.mixed)
+            target.mul_(self_weight)
             for weight, flat in peers:
-                self.mixed.add_(flat.to(self.dtype), alpha=weight)
-            self.unpack()
+                target.add_(flat, alpha=weight)
+        if target is not self.flat:
+            self.flat.copy_(target)
 
     @torch.no_grad()
-    def pack(self) -> torch.Tensor:
-        """Copy the parameters into ``send`` and return it."""
-        torch._foreach_copy_(self._pack_views, self.params)
-        if self._staging is not None:
-            self.send.copy_(self._staging)
-        elif self.send.is_cuda:  # CUDA-aware MPI reads the buffer directly: the copies must have finished
-            torch.cuda.current_stream(self.send.device).synchronize()
-        return self.send
-
-    @torch.no_grad()
-    def unpack(self) -> None:
-        """Copy ``mixed`` into the parameters."""
-        if self._staging is not None:
-            self._staging.copy_(self.mixed)
-        torch._foreach_copy_(self.params, self._unpack_views)
+    def set_average(self, total: torch.Tensor, count: int) -> None:
+        """Set the parameters to ``total / count`` (full averaging)."""
+        if self.send is self.flat:
+            torch.div(total, count, out=self.flat)
+        else:
+            self.flat.copy_(total.div_(count))
 
 
 class FlatParameters:
-    """All trainable parameters of an optimizer, as one :class:`FlatGroup` per dtype/device."""
+    """All trainable parameters of an optimizer, as one :class:`FlatGroup` per dtype/device.
+
+    Building it moves the parameters into the groups' flat storage (see :class:`FlatGroup`).
+    """
 
     def __init__(self, params: Sequence[torch.Tensor], cuda_aware: bool = False):
         groups = {}

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import horovod.torch as hvd
 
-from horovod_dpsgd.diagnostics import batches_hvp, hessian_vector_product
+from horovod_dpsgd.noise import batches_hvp, hessian_vector_product
 
 __all__ = ["LandscapeGrid", "filter_normalized_direction", "loss_contour", "hessian_extremes", "hessian_ratio_map",
            "save_contour", "save_heatmap"]

@@ -1,4 +1,4 @@
-"""Noise diagnostics (paper Eq. 3 and Eq. 4) against closed forms, and the NoiseDiagnostics callback.
+"""The noise quantities (paper Eq. 3 and Eq. 4) against closed forms, and the NoiseDiagnostics callback.
 
 The quantities are checked on quadratic losses L_A(w) = 1/2 w^T A w, whose gradients (A w) and Hessians (A)
 are known exactly. The callback runs n learners as threads of this process, with an in-process allreduce in
@@ -8,6 +8,7 @@ place of Horovod's; one test runs it under real Horovod (one process, SSGD) and 
 import itertools
 import math
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -17,11 +18,11 @@ import horovod.torch as hvd
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import horovod_dpsgd
-from horovod_dpsgd import diagnostics
+from horovod_dpsgd import diagnostics, noise
 from horovod_dpsgd.callbacks import StepContext
-from horovod_dpsgd.diagnostics import (NoiseDiagnostics, consensus_distance, effective_learning_rate,
-                                       hessian_vector_product, landscape_noise, landscape_noise_hessian,
-                                       layer_consensus_distance, noise_strength)
+from horovod_dpsgd.diagnostics import NoiseDiagnostics
+from horovod_dpsgd.noise import (consensus_distance, effective_learning_rate, hessian_vector_product, landscape_noise,
+                                 landscape_noise_hessian, layer_consensus_distance, noise_strength)
 
 LR = 0.3
 N = 3  # learners
@@ -72,6 +73,18 @@ def test_effective_learning_rate_and_noise_strength_by_hand():
     assert noise_strength(LR, g_a, g) == pytest.approx(16 * LR ** 2, rel=1e-12)  # (0, 4) is orthogonal to g
     assert math.isnan(effective_learning_rate(LR, g_a, torch.zeros(2)))
     assert noise_strength(LR, g_a, torch.zeros(2)) == pytest.approx(25 * LR ** 2)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 16])
+def test_gram_and_squared_norms_reduce_in_float64_chunk_by_chunk(monkeypatch, chunk):
+    monkeypatch.setattr(noise, "_CHUNK", chunk)
+    rng = np.random.default_rng(0)
+    vs = [rng.standard_normal(103).astype(np.float32) for _ in range(3)]
+    expected = np.array([[np.dot(a.astype(np.float64), b.astype(np.float64)) for b in vs] for a in vs])
+    np.testing.assert_allclose(noise.gram([torch.from_numpy(v) for v in vs]).numpy(), expected, rtol=1e-14)
+    combo = 0.5 * vs[0].astype(np.float64) - 2.0 * vs[1].astype(np.float64)
+    assert noise._sq_norm([(0.5, torch.from_numpy(vs[0])), (-2.0, torch.from_numpy(vs[1]))]) == \
+        pytest.approx(np.dot(combo, combo), rel=1e-14)
 
 
 def test_eq3_on_a_quadratic():
@@ -184,22 +197,22 @@ def quadratic_loss(output, target):
 
 
 class FakeWorld:
-    """``n`` learners as threads; ``allreduce`` sums or averages what all of them contribute."""
+    """``n`` learners as threads; ``average_`` averages in place what all of them contribute."""
 
     def __init__(self, n):
         self.n, self.slots, self.names = n, [None] * n, []
         self.barrier = threading.Barrier(n, timeout=60)
         self.local = threading.local()
 
-    def allreduce(self, tensor, name, average):
+    def average_(self, tensors, name):
         rank = getattr(self.local, "rank", 0)
-        self.slots[rank] = tensor.clone()
+        self.slots[rank] = [t.clone() for t in tensors]
         if rank == 0:
             self.names.append(name)
         self.barrier.wait()
-        total = torch.stack(self.slots).sum(0)
+        for i, t in enumerate(tensors):
+            t.copy_(torch.stack([slot[i] for slot in self.slots]).sum(0) / self.n)
         self.barrier.wait()
-        return total / self.n if average else total
 
     def run(self, fn):
         results, errors = [None] * self.n, []
@@ -225,14 +238,15 @@ class FakeWorld:
 @pytest.fixture
 def world(monkeypatch):
     w = FakeWorld(N)
-    monkeypatch.setattr(diagnostics, "_allreduce", w.allreduce)
+    monkeypatch.setattr(diagnostics, "_average_", w.average_)
     return w
 
 
-def learner_steps(rank, steps, every, log_dir=None, hessian=True, observe=True):
+def learner_steps(rank, steps, every, log_dir=None, hessian=True, observe=True, reuse_grad=False):
     model = Quadratic(W[rank])
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    diag = NoiseDiagnostics(model, quadratic_loss, PROBE, every=every, log_dir=log_dir, hessian=hessian)
+    diag = NoiseDiagnostics(model, quadratic_loss, PROBE, every=every, log_dir=log_dir, hessian=hessian,
+                            reuse_grad=reuse_grad)
     for step in range(steps):
         opt.zero_grad()
         loss = quadratic_loss(model(A[rank]), None)
@@ -290,7 +304,7 @@ def test_nothing_is_computed_on_other_steps(world):
 
     assert world.names == []
     results = world.run(run)
-    assert world.names == ["weights_grads", "probe_grads", "scalars"]
+    assert world.names == ["weights", "gradients"]
     # Step 3: 1 (the test's own forward) + 2 on the minibatch (at w_j and w_a) + 2 probe batches.
     assert results == [(5, 1)] * N
     assert loss_calls == [4] * N
@@ -306,7 +320,7 @@ def test_missing_observe_skips_delta2_with_a_warning(world):
 def test_dropout_and_batchnorm_leave_no_trace(monkeypatch):
     # One learner: w_j = w_a, so Delta^(2) is exactly 0 only if both passes draw the same dropout masks.
     world = FakeWorld(1)
-    monkeypatch.setattr(diagnostics, "_allreduce", world.allreduce)
+    monkeypatch.setattr(diagnostics, "_average_", world.average_)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
                                 torch.nn.Dropout(0.5), torch.nn.Linear(16, 3))
@@ -326,6 +340,57 @@ def test_dropout_and_batchnorm_leave_no_trace(monkeypatch):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())   # weights, BN statistics
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
     assert torch.equal(torch.get_rng_state(), rng) and model.training
+
+
+def test_reuse_grad_gives_the_same_values_with_one_pass_less(world, monkeypatch):
+    # The fake world's learners are threads sharing one random generator (real ranks are processes), so
+    # the check that the model drew no random numbers is left out here; the tests below cover it.
+    monkeypatch.setattr(diagnostics, "_rng_states", lambda device: [])
+
+    def run(rank, reuse):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            diag = learner_steps(rank, steps=2, every=2, hessian=False, reuse_grad=reuse)
+        return diag.last, diag.model.calls
+
+    recomputed, reused = world.run(lambda r: run(r, False)), world.run(lambda r: run(r, True))
+    for (values, calls), (values_reused, calls_reused) in zip(recomputed, reused):
+        assert values_reused == pytest.approx(values, rel=1e-12)
+        assert calls_reused == calls - 1
+
+
+def one_learner_step(model, monkeypatch, clip=False, **kw):
+    """Delta^(2) of one learner (w_j = w_a): exactly 0 when the gradient at w_j pairs with the one at w_a."""
+    world = FakeWorld(1)
+    monkeypatch.setattr(diagnostics, "_average_", world.average_)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    diag = NoiseDiagnostics(model, F.cross_entropy, [(torch.randn(8, 4), torch.randint(0, 3, (8,)))], every=1, **kw)
+    for step in range(2):
+        x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        diag.observe(x, y, loss)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        diag.on_before_mixing(StepContext(opt, step, 0, 1, "dpsgd"))
+        assert diag.last["delta2"] == 0.0
+    return diag
+
+
+def test_reuse_grad_recomputes_when_the_model_draws_random_numbers(monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3))
+    with pytest.warns(RuntimeWarning, match="random numbers") as record:
+        one_learner_step(model, monkeypatch, reuse_grad=True)
+    assert len(record) == 1
+
+
+def test_reuse_grad_recomputes_when_grad_changed_after_observe(monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    with pytest.warns(RuntimeWarning, match="changed after observe"):
+        one_learner_step(model, monkeypatch, clip=True, reuse_grad=True)
 
 
 @pytest.mark.parametrize("every", [0, -5, 2.5, "10", True, None])

@@ -4,9 +4,10 @@ r"""Decentralized Parallel SGD, paper Eq. 2.
     w_j(t+1) = \sum_k W_{jk}(t)\, w_k(t) - \alpha \nabla L_{\mu_j(t)}(w_j(t))
 
 The weights ``w_j(t)`` are sent to this step's peers as soon as the backward pass starts (they
-are final then), so the exchange overlaps the backward computation; ``step()`` waits only for
-what is still in flight, mixes, then applies the wrapped optimizer's update (momentum and
-weight decay stay local).
+are final then), straight from the parameters' flat storage (see :mod:`horovod_dpsgd.buffers`),
+so the exchange overlaps the backward computation; ``step()`` waits only for what is still in
+flight, mixes in place, then applies the wrapped optimizer's update (momentum and weight decay
+stay local).
 """
 
 import warnings
@@ -79,9 +80,9 @@ class DPSGD(StepTracking):
         plan = self._topology.plan(self._rank, self._step_count)
         transfers = []
         for group in self._flat.groups:
-            send = group.pack()
+            send = group.send_buffer()
             if plan.collective:
-                transfers.append(Transfer(send, None, [group.mixed]))
+                transfers.append(Transfer(send, None, [group.sum_buffer()]))
             elif plan.peers:
                 wire, _ = self._compression.compress(send)
                 transfers.append(Transfer(wire, plan.peers, group.recv_buffers(len(plan.peers), wire.dtype)))
@@ -98,8 +99,7 @@ class DPSGD(StepTracking):
         transfers, self._handle = self._handle.transfers, None
         for group, transfer in zip(self._flat.groups, transfers):
             if plan.collective:
-                group.mixed.div_(self._size)
-                group.unpack()
+                group.set_average(transfer.recv[0], self._size)
             else:
                 group.mix(plan.self_weight, [(w, self._compression.decompress(r, group.dtype))
                                              for w, r in zip(plan.peer_weights, transfer.recv)])
