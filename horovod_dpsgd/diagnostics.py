@@ -182,34 +182,32 @@ class NoiseDiagnostics(Callback):
         dtype = functools.reduce(torch.promote_types, (p.dtype for p in params), torch.float32)
         numel = sum(p.numel() for p in params)
         batch, self._batch = self._batch, None
-        have = torch.tensor([0.0 if batch is None else 1.0], dtype=dtype, device=params[0].device)
-        # This learner's w_j and whether it has a minibatch, averaged in place into w_a (SSGD: already w_a).
-        w_a = self._workspace("weights", numel + 1, dtype, have.device)
-        torch._foreach_copy_(_views(w_a, [*params, have]), [*params, have])
-        with_diff = False
+        device = params[0].device
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        with_diff, w_a_views, sq = False, [], [0.0] * len(params)  # SSGD: the replicas hold w_a
         if dpsgd:
+            # This learner's w_j and whether it has a minibatch, averaged in place into w_a and the share that has.
+            w_a = self._workspace("weights", numel + 1, dtype, device)
+            have = torch.tensor([0.0 if batch is None else 1.0], dtype=dtype, device=device)
+            torch._foreach_copy_(_views(w_a, [*params, have]), [*params, have])
             _average_([w_a], "weights")
-            with_diff = bool(w_a[-1] > 1 - 0.5 / n)
-        w_a = w_a[:numel]
-        w_a_views = _views(w_a, params)
+            with_diff, w_a = bool(w_a[-1] > 1 - 0.5 / n), w_a[:numel]
+            w_a_views = _views(w_a, params)
+            sq = [_sq_norm([(1.0, p), (-1.0, v)]) / n for p, v in zip(params, w_a_views)]  # this learner's share
         # [g, this learner's grad L_mu_j(w_j) - grad L_mu_j(w_a), g_j], filled in place, then averaged over
         # learners into [g, their mean, g_a]. SSGD's .grad already is g_a.
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-        ours = self._workspace("gradients", (2 + dpsgd) * numel, dtype, w_a.device)[:(1 + with_diff + dpsgd) * numel]
+        ours = self._workspace("gradients", (1 + 2 * dpsgd) * numel, dtype, device)[:(1 + with_diff + dpsgd) * numel]
         g_views = _views(ours[:numel], params)
         diff_views = _views(ours[numel:2 * numel], params) if with_diff else []
         if dpsgd:
             torch._foreach_copy_(_views(ours[-numel:], params), grads)
         g_a = ours[-numel:] if dpsgd else flatten(grads, dtype)
         # Per-learner parts of sums over learners: |w_j - w_a|^2 of each layer, the loss, Eq. 4's Hessian form.
-        layers = self._layers(params)
-        sq = [_sq_norm([(1.0, p), (-1.0, v)]) / n for p, v in zip(params, w_a_views)] if dpsgd else [0.0] * len(params)
-        per_layer = {name: sum(sq[i] for i in members) for name, members in layers.items()}
+        per_layer = {name: sum(sq[i] for i in members) for name, members in self._layers(params).items()}
         loss = math.nan if batch is None or batch[2] is None else float(
             batch[2].detach() if isinstance(batch[2], torch.Tensor) else batch[2]) / n
         delta2_part = 0.0
-        if self.hessian and dpsgd:
-            deltas = [flatten(params, torch.float64) - w_a.double()]
+        deltas = [flatten(params, torch.float64) - w_a.double()] if self.hessian and dpsgd else []
         seed = _seed(ctx.step, ctx.rank)  # the same for both passes on this learner's minibatch
         own_data = [p.data for p in params]
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]

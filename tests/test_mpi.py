@@ -105,6 +105,11 @@ def test_non_floating_parameters_are_not_exchanged_or_changed(report):
     assert r == {"counter": [0, 1, 2], "steps": 3}
 
 
+def test_a_dropped_optimizer_stops_its_communication_thread(report):
+    r = result(report, "dropped_optimizers_stop_their_threads")
+    assert r["after"] <= r["before"], r
+
+
 def test_checkpoint_resume_reproduces_the_uninterrupted_run_bit_for_bit(report):
     r = result(report, "checkpoint_resume_bit_exact")
     assert r["diff"] == 0.0

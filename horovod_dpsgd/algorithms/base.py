@@ -6,6 +6,7 @@ user's optimizer class, so every method here reaches the wrapped optimizer throu
 ``super(self.__class__, self)``.
 """
 
+import weakref
 from typing import List, Sequence, Tuple
 
 import torch
@@ -39,6 +40,11 @@ def named_trainable(param_groups, named_parameters) -> List[Tuple[str, torch.Ten
     return [(names[id(p)], p) for group in param_groups for p in group["params"] if p.requires_grad]
 
 
+def _remove_hooks(handles) -> None:
+    for handle in handles:
+        handle.remove()
+
+
 class StepTracking(torch.optim.Optimizer):
     """What both algorithms share: step counting, callbacks, backward detection, state."""
 
@@ -53,7 +59,17 @@ class StepTracking(torch.optim.Optimizer):
         self._step_count = 0
         self._pending = False  # a backward pass happened since the last step
         self._passes = {p: 0 for p in trainable}
-        self._hook_handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in trainable]
+        # The hooks live on the parameters; holding the optimizer weakly lets it (and its communication
+        # thread) go when the user drops it, and its hooks go with it.
+        optimizer = weakref.ref(self)
+
+        def on_grad(p: torch.Tensor) -> None:
+            opt = optimizer()
+            if opt is not None:
+                opt._on_grad(p)
+
+        self._hook_handles = [p.register_post_accumulate_grad_hook(on_grad) for p in trainable]
+        weakref.finalize(self, _remove_hooks, self._hook_handles)
 
     def _on_grad(self, p: torch.Tensor) -> None:
         self._pending = True
@@ -65,7 +81,10 @@ class StepTracking(torch.optim.Optimizer):
             return True
         grads = [p.grad.coalesce()._values() if p.grad.is_sparse else p.grad for p in self._passes
                  if p.grad is not None]
-        if not grads or bool(torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads)]).isfinite().all()):
+        # A NaN or infinity anywhere makes the sum non-finite (+inf + -inf is NaN). One pass over the gradients,
+        # summed in at least float32 so that fp16 gradients do not overflow.
+        sums = [g.sum(dtype=torch.promote_types(g.dtype, torch.float32)).to(grads[0].device) for g in grads]
+        if not grads or bool(torch.stack(sums).isfinite().all()):
             return True
         if self._nonfinite == "skip":
             self._skipped_steps += 1

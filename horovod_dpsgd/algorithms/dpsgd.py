@@ -11,6 +11,7 @@ stay local).
 """
 
 import warnings
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -43,6 +44,7 @@ class DPSGD(StepTracking):
         self._comm = communicator(self._rank, self._size, timeout)
         self._check_same_parameters(named)
         self._exchange = Exchange(self._comm, timeout, overlap)
+        weakref.finalize(self, self._exchange.close)  # the communication thread ends with the optimizer
         abort_job_on_uncaught_exception()
         self._handle = None
         self._plan = None

@@ -5,8 +5,11 @@ check to OUT.json and tests/test_mpi.py asserts on them.
 """
 
 import copy
+import gc
 import os
 import sys
+import threading
+import time
 import traceback
 
 import numpy as np
@@ -280,6 +283,25 @@ def _():
         loss_fn(model, RANK, t).backward()
         opt.step()
     return {"counter": counter.tolist(), "steps": opt.step_count}
+
+
+@check("dropped_optimizers_stop_their_threads")
+def _():
+    def exchange_threads():
+        gc.collect()
+        return sum(t.name == "dpsgd-exchange" for t in threading.enumerate())
+
+    before = exchange_threads()
+    for t in range(3):
+        model = make_model()
+        opt = hd.DistributedOptimizer(sgd(model))
+        loss_fn(model, RANK, t).backward()
+        opt.step()
+        del model, opt
+    deadline = time.monotonic() + 10
+    while exchange_threads() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {"before": before, "after": exchange_threads()}
 
 
 def expect_error(fn, exc_type):
