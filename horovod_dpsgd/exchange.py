@@ -235,6 +235,7 @@ class Exchange:
             if handle is None:
                 return
             handle._complete()
+            del handle  # the training thread owns the buffers; do not keep them alive while idle
 
     def start(self, transfers: Sequence[Transfer], step: int, peers: Sequence[int] = ()) -> ExchangeHandle:
         """Start moving ``transfers``; ``peers`` only names them in error messages."""

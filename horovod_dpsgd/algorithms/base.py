@@ -69,7 +69,7 @@ class StepTracking(torch.optim.Optimizer):
                 opt._on_grad(p)
 
         self._hook_handles = [p.register_post_accumulate_grad_hook(on_grad) for p in trainable]
-        weakref.finalize(self, _remove_hooks, self._hook_handles)
+        weakref.finalize(self, _remove_hooks, self._hook_handles).atexit = False
 
     def _on_grad(self, p: torch.Tensor) -> None:
         self._pending = True

@@ -44,7 +44,9 @@ class DPSGD(StepTracking):
         self._comm = communicator(self._rank, self._size, timeout)
         self._check_same_parameters(named)
         self._exchange = Exchange(self._comm, timeout, overlap)
-        weakref.finalize(self, self._exchange.close)  # the communication thread ends with the optimizer
+        # The communication thread ends with the optimizer. Not at interpreter exit: the daemon thread
+        # then just stops, whereas waking it while Python finalizes can abort the process.
+        weakref.finalize(self, self._exchange.close).atexit = False
         abort_job_on_uncaught_exception()
         self._handle = None
         self._plan = None
