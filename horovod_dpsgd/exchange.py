@@ -146,6 +146,7 @@ class ExchangeHandle:
         self.peers = tuple(peers)
         self._done = threading.Event()
         self._urgent = threading.Event()  # set when the training thread waits for this exchange
+        self._claim = threading.Lock()  # taken by the thread that completes the exchange
         self._error: Optional[BaseException] = None
         self._requests: List = []
         self._request_peers: List[Optional[int]] = []  # peer of each request (None: collective)
@@ -170,6 +171,11 @@ class ExchangeHandle:
             for peer in t.peers:
                 self._requests.append(comm.Isend(_as_bytes(t.send), dest=peer, tag=tag))
                 self._request_peers.append(peer)
+
+    def _run(self) -> None:
+        """Complete the exchange, unless another thread has already taken it."""
+        if self._claim.acquire(blocking=False):
+            self._complete()
 
     def _complete(self) -> None:
         try:
@@ -200,8 +206,9 @@ class ExchangeHandle:
     def wait(self) -> None:
         """Block until the exchange completes; raise its error, if any."""
         self._urgent.set()
-        if self._exchange._worker is None and not self._done.is_set():
-            self._complete()
+        # Not yet taken by the communication thread (nothing to overlap with): complete it here rather
+        # than wait for that thread to wake up.
+        self._run()
         if not self._done.wait(self._exchange.timeout + 10.0):
             raise ExchangeTimeoutError(self._timeout_message())
         if self._error is not None:
@@ -234,7 +241,7 @@ class Exchange:
             handle = self._jobs.get()
             if handle is None:
                 return
-            handle._complete()
+            handle._run()
             del handle  # the training thread owns the buffers; do not keep them alive while idle
 
     def start(self, transfers: Sequence[Transfer], step: int, peers: Sequence[int] = ()) -> ExchangeHandle:
