@@ -16,12 +16,16 @@ def horovodrun_command(np_: int, args: Sequence[str], extra: Sequence[str] = ())
 def horovodrun_env(np_: int, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """The environment for a job of ``np_`` processes on this machine.
 
-    With more processes than cores, Open MPI must be told to yield the CPU while it waits
-    (``OMPI_MCA_mpi_yield_when_idle=1``): horovodrun gives it one slot per process, so it does not
-    know it is oversubscribed and busy-polls, starving the processes that compute (measured here:
-    a 4-process MNIST run on 2 cores took 62 s instead of 18 s). A value already set is kept.
+    When the processes fill the cores (``np_`` at least the core count), Open MPI must be told to
+    yield the CPU while it waits (``OMPI_MCA_mpi_yield_when_idle=1``). horovodrun gives it one
+    slot per process, so it does not know the cores are full and busy-polls: in every blocking MPI
+    call, and in Horovod's background thread, which takes part in a small allreduce every cycle
+    (1 ms) even when no tensor is reduced. Those spinning threads starve the ones that compute.
+    Measured here on 2 cores: a 4-process MNIST run took 62 s instead of 18 s, and at 2 processes a
+    ResNet-18 step of Horovod's SSGD took 140-165 ms instead of 100-107 ms (docs/performance.md).
+    A value already set is kept.
     """
     env = dict(os.environ if base is None else base)
-    if np_ > (os.cpu_count() or 1):
+    if np_ >= (os.cpu_count() or 1):
         env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     return env
