@@ -5,6 +5,7 @@ gathers the vectors they need across learners (with Horovod) every ``every`` ste
 """
 
 import functools
+import hashlib
 import math
 import numbers
 import os
@@ -31,6 +32,27 @@ def _average_(tensors: List[torch.Tensor], name: str) -> None:
     hvd.grouped_allreduce_(tensors, op=hvd.Average, name=f"horovod_dpsgd.diagnostics.{name}")
 
 
+def _allgather_object(obj: Any, name: str) -> List[Any]:
+    """``obj`` of every rank, in rank order (a seam the tests replace with a fake)."""
+    return hvd.allgather_object(obj, name=f"horovod_dpsgd.diagnostics.{name}")
+
+
+def _digest(batches: Sequence[Tuple[Any, Any]]) -> Optional[str]:
+    """A digest of the batches' tensors (dtypes, shapes and bytes); ``None`` if they hold anything else."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for part in batch:
+            if part is None:
+                digest.update(b"None")
+            elif isinstance(part, torch.Tensor):
+                t = part.detach().cpu().contiguous()
+                digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                digest.update(t.reshape(-1).view(torch.uint8).numpy())
+            else:
+                return None
+    return digest.hexdigest()
+
+
 class NoiseDiagnostics(Callback):
     """Measures Eq. 3 and Eq. 4 every ``every`` steps and logs them to TensorBoard from rank 0.
 
@@ -41,7 +63,9 @@ class NoiseDiagnostics(Callback):
     ``g = grad L(w_a)`` is estimated on ``probe``, fixed held-out batches, not on the training minibatches:
     in SSGD ``g_a`` *is* the gradient of the union of this step's minibatches at ``w_a``, so estimating ``g``
     from them gives ``g = g_a``, hence ``alpha_e = alpha`` and ``Delta = 0`` by construction. Pass the same
-    probe on every rank (or a shard per rank: ``g`` is averaged over ranks).
+    probe on every rank, or a shard per rank (``g`` is then the average over ranks). With the same probe
+    everywhere (found out once, from a digest of its tensors), the learners split its batches among them,
+    and a probe of one batch is computed by every learner and not averaged: no work is done twice.
 
     ``Delta^(2)`` needs each learner's current minibatch: call :meth:`observe` every iteration after
     ``loss.backward()``. This learner recomputes ``grad L_mu_j`` at ``w_j`` and at ``w_a`` under the same
@@ -90,6 +114,7 @@ class NoiseDiagnostics(Callback):
         self._grad_versions: Dict[int, Tuple[torch.Tensor, int]] = {}  # id(param) -> (.grad, its version)
         self._stochastic = False  # the model drew random numbers: .grad cannot be reused
         self._work: Dict[str, Optional[torch.Tensor]] = {}
+        self._probe_shared: Optional[bool] = None  # every rank passed the same probe
         self._warned: set = set()
         #: The values of the last diagnostic step, keyed as :data:`TAGS` plus ``"step"`` (the ``t`` measured).
         self.last: Dict[str, float] = {}
@@ -140,6 +165,19 @@ class NoiseDiagnostics(Callback):
             self._work[name] = None  # free the old one first
             buf = self._work[name] = torch.empty(numel, dtype=dtype, device=device)
         return buf
+
+    def _probe_share(self, rank: int, n: int) -> Tuple[List[Tuple[int, Tuple[Any, Any]]], float, bool]:
+        """The probe batches (with their indices) this learner computes ``g`` on, the factor that makes its
+        share of ``g`` from their gradient sum, and whether ``g`` is then averaged over learners."""
+        batches = list(enumerate(self.probe))
+        if self._probe_shared is None:  # decided once, by every rank at the same (first) diagnostic step
+            digests = _allgather_object(_digest(self.probe), "probe") if n > 1 else ["one learner"]
+            self._probe_shared = None not in digests and len(set(digests)) == 1
+        if not self._probe_shared:
+            return batches, 1.0 / len(batches), True
+        if len(batches) == 1:
+            return batches, 1.0, False
+        return batches[rank::n], n / len(batches), True
 
     def _grads_at(self, params, x, y, seed: int) -> Tuple[List[torch.Tensor], bool]:
         """``grad loss_fn`` on ``(x, y)`` at the parameters' current values, drawing random numbers from ``seed``;
@@ -195,13 +233,18 @@ class NoiseDiagnostics(Callback):
             w_a_views = _views(w_a, params)
             sq = [_sq_norm([(1.0, p), (-1.0, v)]) / n for p, v in zip(params, w_a_views)]  # this learner's share
         # [g, this learner's grad L_mu_j(w_j) - grad L_mu_j(w_a), g_j], filled in place, then averaged over
-        # learners into [g, their mean, g_a]. SSGD's .grad already is g_a.
-        ours = self._workspace("gradients", (1 + 2 * dpsgd) * numel, dtype, device)[:(1 + with_diff + dpsgd) * numel]
-        g_views = _views(ours[:numel], params)
-        diff_views = _views(ours[numel:2 * numel], params) if with_diff else []
+        # learners into [g, their mean, g_a] (``ours``). SSGD's .grad already is g_a. A g that every learner
+        # computes alike is kept out of the average, after the averaged vectors.
+        probe, scale, average_g = self._probe_share(ctx.rank, n)
+        names = ["g"] * average_g + ["diff"] * with_diff + ["g_a"] * dpsgd + ["g"] * (not average_g)
+        work = self._workspace("gradients", (1 + 2 * dpsgd) * numel, dtype, device)
+        vec = dict(zip(names, work.split(numel)))
+        ours = work[:(len(names) - (not average_g)) * numel]
+        g_views = _views(vec["g"], params)
+        diff_views = _views(vec["diff"], params) if with_diff else []
         if dpsgd:
-            torch._foreach_copy_(_views(ours[-numel:], params), grads)
-        g_a = ours[-numel:] if dpsgd else flatten(grads, dtype)
+            torch._foreach_copy_(_views(vec["g_a"], params), grads)
+        g_a = vec["g_a"] if dpsgd else flatten(grads, dtype)
         # Per-learner parts of sums over learners: |w_j - w_a|^2 of each layer, the loss, Eq. 4's Hessian form.
         per_layer = {name: sum(sq[i] for i in members) for name, members in self._layers(params).items()}
         loss = math.nan if batch is None or batch[2] is None else float(
@@ -217,14 +260,16 @@ class NoiseDiagnostics(Callback):
             if dpsgd:  # evaluate at w_a: point the parameters at it (restored below, bit for bit)
                 for p, v in zip(params, w_a_views):
                     p.data = v if p.is_contiguous() and p.dtype == v.dtype else torch.empty_like(p).copy_(v)
-            for b, (x, y) in enumerate(self.probe):
+            for i, (b, (x, y)) in enumerate(probe):
                 probe_grads, _ = self._grads_at(params, x, y, _seed(ctx.step, -1, b))
-                if b:
+                if i:
                     torch._foreach_add_(g_views, probe_grads)
                 else:
                     torch._foreach_copy_(g_views, probe_grads)
-            if len(self.probe) > 1:
-                ours[:numel].div_(len(self.probe))
+            if not probe:
+                vec["g"].zero_()
+            elif scale != 1.0:
+                vec["g"].mul_(scale)
             if with_diff:
                 at_mean, drew = self._grads_at(params, batch[0], batch[1], seed)
                 torch._foreach_sub_(diff_views, at_mean)
@@ -247,9 +292,9 @@ class NoiseDiagnostics(Callback):
                 b.copy_(value)
         # The layers partition the parameters: their consensus distances add up to the total.
         sums = torch.tensor([sum(per_layer.values()), *per_layer.values(), loss, delta2_part], dtype=torch.float64)
-        _average_([ours, sums], "gradients")
+        _average_([ours, sums] if ours.numel() else [sums], "gradients")
         sums = (sums * n).tolist()
-        g, diff = ours[:numel], ours[numel:2 * numel]
+        g, diff = vec["g"], vec.get("diff")
         dots = gram([g_a, g])
         alpha_e, delta = eq3(lr, dots)
         values = {"step": ctx.step, "lr": lr, "alpha_e": alpha_e,

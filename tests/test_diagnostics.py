@@ -200,19 +200,32 @@ class FakeWorld:
     """``n`` learners as threads; ``average_`` averages in place what all of them contribute."""
 
     def __init__(self, n):
-        self.n, self.slots, self.names = n, [None] * n, []
+        self.n, self.slots, self.names, self.averaged = n, [None] * n, [], []
         self.barrier = threading.Barrier(n, timeout=60)
         self.local = threading.local()
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(diagnostics, "_average_", self.average_)
+        monkeypatch.setattr(diagnostics, "_allgather_object", self.allgather_object)
+        return self
 
     def average_(self, tensors, name):
         rank = getattr(self.local, "rank", 0)
         self.slots[rank] = [t.clone() for t in tensors]
         if rank == 0:
             self.names.append(name)
+            self.averaged.append(sum(t.numel() for t in tensors))
         self.barrier.wait()
         for i, t in enumerate(tensors):
             t.copy_(torch.stack([slot[i] for slot in self.slots]).sum(0) / self.n)
         self.barrier.wait()
+
+    def allgather_object(self, obj, name):
+        self.slots[getattr(self.local, "rank", 0)] = obj
+        self.barrier.wait()
+        gathered = list(self.slots)
+        self.barrier.wait()
+        return gathered
 
     def run(self, fn):
         results, errors = [None] * self.n, []
@@ -237,15 +250,13 @@ class FakeWorld:
 
 @pytest.fixture
 def world(monkeypatch):
-    w = FakeWorld(N)
-    monkeypatch.setattr(diagnostics, "_average_", w.average_)
-    return w
+    return FakeWorld(N).install(monkeypatch)
 
 
-def learner_steps(rank, steps, every, log_dir=None, hessian=True, observe=True, reuse_grad=False):
+def learner_steps(rank, steps, every, log_dir=None, hessian=True, observe=True, reuse_grad=False, probe=PROBE):
     model = Quadratic(W[rank])
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    diag = NoiseDiagnostics(model, quadratic_loss, PROBE, every=every, log_dir=log_dir, hessian=hessian,
+    diag = NoiseDiagnostics(model, quadratic_loss, probe, every=every, log_dir=log_dir, hessian=hessian,
                             reuse_grad=reuse_grad)
     for step in range(steps):
         opt.zero_grad()
@@ -305,9 +316,35 @@ def test_nothing_is_computed_on_other_steps(world):
     assert world.names == []
     results = world.run(run)
     assert world.names == ["weights", "gradients"]
-    # Step 3: 1 (the test's own forward) + 2 on the minibatch (at w_j and w_a) + 2 probe batches.
-    assert results == [(5, 1)] * N
-    assert loss_calls == [4] * N
+    # Step 3: 1 (the test's own forward) + 2 on the minibatch (at w_j and w_a) + this learner's share of the
+    # probe: every learner has the same 2 batches, so learners 0 and 1 compute one each and learner 2 none.
+    assert results == [(4, 1), (4, 1), (3, 1)]
+    assert loss_calls == [3, 3, 2]
+
+
+# The probe's Hessian is H_PROBE in each case: split among learners, one batch, or a different one per learner.
+PROBES = {"same, split among learners": lambda rank: PROBE,
+          "same, one batch": lambda rank: [(H_PROBE, None)],
+          "one per learner": lambda rank: [(H_PROBE + (rank - 1) * sym(3, seed=30), None)]}
+
+
+@pytest.mark.parametrize("probe", PROBES)
+def test_probe_work_is_split_or_not_repeated_and_gives_the_closed_forms(monkeypatch, probe):
+    world = FakeWorld(N).install(monkeypatch)
+    diags = world.run(lambda r: learner_steps(r, steps=1, every=1, hessian=False, probe=PROBES[probe](r)))
+    expected = closed_forms()
+    for diag in diags:
+        for key in set(expected) - {"delta2_hessian"}:
+            assert diag.last[key] == pytest.approx(expected[key], rel=1e-9), key
+    # Forward passes: 1 (the step's own) + 2 on the minibatch + the probe batches this learner computes.
+    probe_passes = [diag.model.calls - 3 for diag in diags]
+    numel, sums = 3, 1 + 2 + 2   # parameters; consensus total, per layer (2), loss, Eq. 4's Hessian part
+    if probe == "same, split among learners":
+        assert probe_passes == [1, 1, 0] and world.averaged[-1] == 3 * numel + sums   # g averaged
+    elif probe == "same, one batch":
+        assert probe_passes == [1, 1, 1] and world.averaged[-1] == 2 * numel + sums   # g not averaged
+    else:
+        assert probe_passes == [1, 1, 1] and world.averaged[-1] == 3 * numel + sums
 
 
 def test_missing_observe_skips_delta2_with_a_warning(world):
@@ -319,8 +356,7 @@ def test_missing_observe_skips_delta2_with_a_warning(world):
 
 def test_dropout_and_batchnorm_leave_no_trace(monkeypatch):
     # One learner: w_j = w_a, so Delta^(2) is exactly 0 only if both passes draw the same dropout masks.
-    world = FakeWorld(1)
-    monkeypatch.setattr(diagnostics, "_average_", world.average_)
+    FakeWorld(1).install(monkeypatch)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
                                 torch.nn.Dropout(0.5), torch.nn.Linear(16, 3))
@@ -361,8 +397,7 @@ def test_reuse_grad_gives_the_same_values_with_one_pass_less(world, monkeypatch)
 
 def one_learner_step(model, monkeypatch, clip=False, **kw):
     """Delta^(2) of one learner (w_j = w_a): exactly 0 when the gradient at w_j pairs with the one at w_a."""
-    world = FakeWorld(1)
-    monkeypatch.setattr(diagnostics, "_average_", world.average_)
+    FakeWorld(1).install(monkeypatch)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     diag = NoiseDiagnostics(model, F.cross_entropy, [(torch.randn(8, 4), torch.randint(0, 3, (8,)))], every=1, **kw)
     for step in range(2):
