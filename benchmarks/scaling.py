@@ -10,16 +10,23 @@ scheme                 bytes sent per learner      sequential latency hops
 ring allreduce (SSGD)  2 (n-1)/n S                 2 (n-1)
 random peer (DPSGD)    S                           1
 ring, k per side       2k S  (fewer when n small)  1  (2k messages share the link)
-exponential graph      degree x S                  1
+random graph (p)       degree x S  (about p(n-1))  1
+exponential graph      degree x S  (log2 n)        1
 full averaging         2 (n-1)/n S (an allreduce)  2 (n-1)
 =====================  ==========================  ===========================================
 
 so ring allreduce pays ``2(n-1) alpha`` latency that grows with n, while a random peer
-pays one ``alpha`` and ``S`` bytes whatever n is. ``python benchmarks/scaling.py
---measured benchmarks/results/full.json`` fits alpha and beta to the measured raw
-Sendrecv times (a sweep of message sizes between rank pairs at n=2) and prints the model
-next to the measured exchange and allreduce times.
-Use ``--alpha``/``--beta`` with your cluster's figures to predict where DPSGD wins there.
+pays one ``alpha`` and ``S`` bytes whatever n is. Graph degrees are those of the topologies
+this package builds (the largest degree of any learner: the slowest one sets the pace); a graph
+that links every learner to every other one is averaged with one allreduce, as full averaging.
+
+``python benchmarks/scaling.py --measured benchmarks/results/final.json
+benchmarks/results/final8.json`` fits alpha and beta to the measured raw Sendrecv times (a
+sweep of message sizes between rank pairs at n=2) and prints the model next to the measured
+transfers (the exchange without mixing, random peer and ring) and allreduce times at every
+measured n. On one machine the learners share its cores, which copy the bytes: that check
+gives each learner ``beta * min(1, cores / n)``. Use ``--alpha``/``--beta`` with your cluster's
+figures (a link per learner) to predict where DPSGD wins there.
 """
 
 import argparse
@@ -41,13 +48,19 @@ def cost(scheme: str, n: int, nbytes: float):
         return 2 * (n - 1) / n * nbytes, 2 * (n - 1)
     if scheme == "random_peer":
         return nbytes, 1
-    topo = {"ring": T.ring(n), "exponential": T.exponential(n)}[scheme]
+    topo = {"ring": T.ring, "random_graph": T.random_graph, "exponential": T.exponential}[scheme](n)
+    if topo.plan(0, 0).collective:  # a graph that links everyone (a ring of n <= 3) is averaged by one allreduce
+        return cost("full", n, nbytes)
     degree = max(len(topo.plan(j, 0).peers) for j in range(n))
     return degree * nbytes, 1
 
 
-def predict(scheme, n, nbytes, alpha, beta):
+def predict(scheme, n, nbytes, alpha, beta, cores=None):
+    """Seconds of communication per step. ``cores``: the learners share that many cores' copy bandwidth
+    (one machine, no network: each learner gets ``beta * min(1, cores / n)``)."""
     b, hops = cost(scheme, n, nbytes)
+    if cores:
+        beta *= min(1.0, cores / n)
     return hops * alpha + b / beta
 
 
@@ -62,17 +75,18 @@ def fit(points):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--measured", help="a benchmarks/results/*.json written by benchmarks/run.py")
+    parser.add_argument("--measured", nargs="*", default=[],
+                        help="benchmarks/results/*.json files written by benchmarks/run.py")
     parser.add_argument("--alpha", type=float, default=None, help="latency per message, seconds")
     parser.add_argument("--beta", type=float, default=None, help="bandwidth per learner, bytes/s")
     parser.add_argument("--bytes", type=float, default=4 * 25.6e6, help="model size in bytes (default ResNet-50)")
     parser.add_argument("--sizes", default="2,4,8,16,32,64,128,256")
     args = parser.parse_args()
     rows, curve = [], []
-    if args.measured:
-        measured = json.loads(Path(args.measured).read_text())
-        rows = measured["rows"]
-        curve = (measured.get("sendrecv_curve") or {}).get("2") or []
+    for path in args.measured:
+        measured = json.loads(Path(path).read_text())
+        rows += [{**r, "cores": measured["meta"].get("cores")} for r in measured["rows"]]
+        curve = curve or (measured.get("sendrecv_curve") or {}).get("2") or []
     alpha, beta = args.alpha, args.beta
     if alpha is None or beta is None:
         if len(curve) < 2:
@@ -80,22 +94,26 @@ def main():
         alpha, beta = fit(curve)
     print(f"alpha = {alpha * 1e6:.1f} us, beta = {beta / 1e9:.2f} GB/s\n")
     print(f"Predicted communication per step for a {args.bytes / 1e6:.0f} MB model (ms):")
-    schemes = ("ring_allreduce", "random_peer", "ring", "exponential")
+    schemes = ("ring_allreduce", "random_peer", "ring", "random_graph", "exponential")
     print("| n | " + " | ".join(schemes) + " | random_peer / ring_allreduce |\n|" + "---|" * (len(schemes) + 2))
     for n in [int(s) for s in args.sizes.split(",")]:
         t = [predict(s, n, args.bytes, alpha, beta) for s in schemes]
         print(f"| {n} | " + " | ".join(f"{1e3 * v:.1f}" for v in t) + f" | {t[1] / t[0]:.2f} |")
     if rows:
-        print("\nModel against measurement on this machine (ms):")
-        print("| n | model | random peer: model | measured | allreduce: model | measured |\n|---|---|---|---|---|---|")
+        print("\nModel against measurement on this machine (ms; measured: the exchange without mixing; the model\n"
+              "shares the machine's cores among the learners, beta * min(1, cores / n)):")
+        print("| n | model | random peer: model | measured | ring: model | measured | allreduce: model | measured |\n"
+              "|---|---|---|---|---|---|---|---|")
         for r in rows:
-            if "exchange_ms" not in r:
+            if "hvd_allreduce_ms" not in r:
                 continue
             nbytes = 4e6 * r["params_M"]
-            allreduce_ms = r["exchange_ms"] / r["exchange / hvd.allreduce"]
-            print(f"| {r['n']} | {r['model']} | {1e3 * predict('random_peer', r['n'], nbytes, alpha, beta):.1f} | "
-                  f"{r['exchange_ms']:.1f} | {1e3 * predict('ring_allreduce', r['n'], nbytes, alpha, beta):.1f} | "
-                  f"{allreduce_ms:.1f} |")
+            cells = []
+            for scheme, key in (("random_peer", "random_peer transfer_ms"), ("ring", "ring transfer_ms"),
+                                ("ring_allreduce", "hvd_allreduce_ms")):
+                measured = f"{r[key]:.1f}" if key in r else "-"
+                cells += [f"{1e3 * predict(scheme, r['n'], nbytes, alpha, beta, r['cores']):.1f}", measured]
+            print(f"| {r['n']} | {r['model']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

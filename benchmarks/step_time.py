@@ -1,8 +1,10 @@
 """Side-by-side step and exchange timings; run under horovodrun (see benchmarks/run.py).
 
-Every variant gets its own model and optimizer, and the variants are timed round-robin
-within each repetition, so machine noise hits them alike. Each figure is the median over
-repetitions of the mean step time of ``--steps`` steps, after ``--warmup`` steps.
+Every variant gets its own model and optimizer. Each repetition times every variant once, the
+mean of ``--steps`` steps (after ``--warmup`` steps) on the slowest learner, in an order rotated
+from one repetition to the next, so that drifts in machine speed hit the variants alike. The
+result keeps every repetition's figure: benchmarks/run.py compares variants repetition by
+repetition (paired ratios) and reports their median and quartiles.
 
     horovodrun -np 4 python benchmarks/step_time.py --models mlp1m --out results.json
 """
@@ -26,7 +28,8 @@ MODELS = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10)),
     "resnet50": (lambda: torchvision.models.resnet50()),
 }
-VARIANTS = ("horovod_ssgd", "plugin_ssgd", "dpsgd_random_peer", "dpsgd_ring", "local_no_comm")
+VARIANTS = ("horovod_ssgd", "horovod_ssgd_2", "plugin_ssgd", "plugin_ssgd_ignore_nonfinite", "dpsgd_random_peer",
+            "dpsgd_ring", "local_no_comm")
 
 
 def build(variant, model_name, seed=0):
@@ -40,10 +43,12 @@ def build(variant, model_name, seed=0):
         probe = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
         callbacks = [NoiseDiagnostics(model, F.cross_entropy, probe, every=50,
                                       reuse_grad=variant == "dpsgd_diag50_reuse_grad")]
-    if variant == "horovod_ssgd":
+    if variant in ("horovod_ssgd", "horovod_ssgd_2"):  # the second one measures the noise: same code, own model
         opt = hvd.DistributedOptimizer(opt, named_parameters=named)
     elif variant == "plugin_ssgd":
         opt = horovod_dpsgd.DistributedOptimizer(opt, named_parameters=named, algorithm="ssgd")
+    elif variant == "plugin_ssgd_ignore_nonfinite":
+        opt = horovod_dpsgd.DistributedOptimizer(opt, named_parameters=named, algorithm="ssgd", nonfinite="ignore")
     elif variant in ("dpsgd_random_peer", "dpsgd_diag50", "dpsgd_diag50_reuse_grad"):
         opt = horovod_dpsgd.DistributedOptimizer(opt, named_parameters=named, topology="random_peer",
                                                  callbacks=callbacks)
@@ -55,9 +60,10 @@ def build(variant, model_name, seed=0):
 
 
 def run_steps(model, opt, callbacks, data, target, steps):
-    """The time of each of ``steps`` training steps."""
-    times = []
+    """The time of each of ``steps`` training steps, and whether a diagnostic ran in it."""
+    times, diagnosed = [], []
     for _ in range(steps):
+        counts = [cb.count for cb in callbacks]
         start = time.perf_counter()
         opt.zero_grad()
         loss = F.cross_entropy(model(data), target)
@@ -66,65 +72,142 @@ def run_steps(model, opt, callbacks, data, target, steps):
             cb.observe(data, target, loss)
         opt.step()
         times.append(time.perf_counter() - start)
-    return times
+        diagnosed.append(counts != [cb.count for cb in callbacks])
+    return times, diagnosed
 
 
-def diagnostics_overhead(times):
-    """Extra time of the steps in ``times`` over as many typical (median) steps, relative to those.
+def diagnostics_overhead(times, diagnosed):
+    """Extra time of the diagnostic steps over typical (median) steps, relative to all steps at that time.
 
-    Measured within one run of a variant, so it does not depend on the noise between variants:
-    a 50-step repetition at every=50 holds one diagnostic step.
+    Measured within one run of a variant, from its own steps, so noise between variants and slow
+    steps without a diagnostic do not count: a 50-step repetition at every=50 holds one diagnostic step.
     """
-    typical = statistics.median(times)
-    return (sum(times) - len(times) * typical) / (len(times) * typical)
+    typical = statistics.median(t for t, d in zip(times, diagnosed) if not d)
+    extra = sum(t - typical for t, d in zip(times, diagnosed) if d)
+    return extra / (len(times) * typical)
 
 
-def time_exchange(opt, nbytes, reps, comm):
-    """Exchanging one model's weights with a peer and mixing them in, vs raw Sendrecv and hvd.allreduce.
+def rotated(items, k):
+    """``items`` rotated left by ``k``: each item comes first in turn as ``k`` grows."""
+    k %= len(items)
+    return items[k:] + items[:k]
 
-    ``plugin_transfer`` is the exchange alone (sending from the parameters, receiving into a
-    buffer); ``plugin_mix`` adds mixing the received weights into the parameters.
-    """
-    out = {"plugin_transfer": [], "plugin_mix": [], "raw_sendrecv": [], "hvd_allreduce": []}
-    numel = nbytes // 4
-    send, recv = torch.ones(numel), torch.empty(numel)
-    peer_of = opt.topology.partners
+
+def time_variants(built, variants, data, target, steps, reps, comm):
+    """Per variant, the step time of each repetition (the slowest learner's mean), and the diagnostics overhead."""
+    times = {v: [] for v in variants}
+    overhead = {v: [] for v in variants if built[v][2]}
     for rep in range(reps):
-        step = opt.step_count + rep
+        for v in rotated(variants, rep):
+            comm.Barrier()
+            t, diagnosed = run_steps(*built[v], data, target, steps)
+            # A step is as slow as the slowest learner.
+            times[v].append(max(comm.allgather(statistics.mean(t))))
+            if v in overhead:
+                overhead[v].append(max(comm.allgather(diagnostics_overhead(t, diagnosed))))
+    return times, overhead
+
+
+def time_nonfinite_check(opt, reps, comm, calls=5):
+    """Time of the plugin's NaN/inf check of the gradients (``nonfinite="raise"``) per step, slowest learner.
+
+    It is the one pass over the gradients that ``algorithm="ssgd"`` adds to Horovod's step by
+    construction; timing it directly measures that cost without the noise between two runs. Each
+    figure is the mean of ``calls`` checks in a row (a single call right after a blocking MPI call
+    would also time the process waking up).
+    """
+    out = []
+    for _ in range(reps):
         comm.Barrier()
         t0 = time.perf_counter()
-        opt._start_exchange()          # benchmark-only: drive one exchange without a training step
-        opt._handle.wait()
-        t1 = time.perf_counter()
-        opt._mix()
-        out["plugin_mix"].append(time.perf_counter() - t0)
-        out["plugin_transfer"].append(t1 - t0)
-        peer = int(peer_of(opt.step_count)[comm.Get_rank()])
-        comm.Barrier()
-        t0 = time.perf_counter()
-        if peer != comm.Get_rank():
-            comm.Sendrecv(send.numpy(), dest=peer, recvbuf=recv.numpy(), source=peer)
-        out["raw_sendrecv"].append(time.perf_counter() - t0)
-        comm.Barrier()
-        t0 = time.perf_counter()
-        hvd.allreduce(send, name=f"bench.allreduce.{step}")
-        out["hvd_allreduce"].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in out.items()}
+        for _ in range(calls):
+            opt._gradients_finite()    # benchmark-only: the .grad of the last step is still there
+        out.append(max(comm.allgather((time.perf_counter() - t0) / calls)))
+    return out
+
+
+def time_exchange(optimizers, reps, comm):
+    """Exchanging one model's weights and mixing them in, per DPSGD optimizer, vs raw MPI and hvd.allreduce.
+
+    For each ``name, optimizer`` in ``optimizers``: ``<name>_transfer`` is the exchange alone
+    (sending from the parameters, receiving into buffers), ``<name>_mix`` adds mixing the
+    received weights into the parameters. Raw MPI moves the same bytes between the same memory,
+    the random-peer optimizer's contiguous parameter storage and its receive buffer, to and from
+    the same peer, three ways: a blocking ``Sendrecv``, ``Isend``/``Irecv`` with ``Waitall``, and
+    with a ``Testall`` loop (run.py compares with the way of the lowest median: with
+    ``OMPI_MCA_mpi_yield_when_idle=1`` in a Horovod process, a blocking call often waits for a
+    scheduler tick, about 4 ms here, and polling does not). ``hvd_allreduce`` reduces as many
+    bytes in place, as Horovod's SSGD does. Everything is timed in an order rotated from one
+    repetition to the next; each list holds one figure per repetition, the slowest learner's.
+    """
+    rank = comm.Get_rank()
+    random_peer = optimizers["random_peer"]
+    (group,) = random_peer._flat.groups     # benchmark-only: the parameters' storage (one dtype here)
+    send, recv = group.flat.numpy(), group.recv_buffers(1, group.dtype)[0].numpy()
+    reduced = torch.ones(group.numel, dtype=group.dtype)
+    peer = int(random_peer.topology.partners(random_peer.step_count)[rank])  # the same peer as its exchanges
+
+    def exchange(name, opt):
+        def run():
+            t0 = time.perf_counter()
+            opt._start_exchange()          # benchmark-only: drive one exchange without a training step
+            opt._handle.wait()
+            t1 = time.perf_counter()
+            opt._mix()
+            return {f"{name}_transfer": t1 - t0, f"{name}_mix": time.perf_counter() - t0}
+        return run
+
+    def timed(name, fn):
+        def run():
+            t0 = time.perf_counter()
+            fn()
+            return {name: time.perf_counter() - t0}
+        return run
+
+    def sendrecv():
+        if peer != rank:
+            comm.Sendrecv(send, dest=peer, recvbuf=recv, source=peer)
+
+    def isend_irecv():
+        if peer != rank:
+            MPI.Request.Waitall([comm.Irecv(recv, source=peer), comm.Isend(send, dest=peer)])
+
+    def isend_irecv_polled():
+        if peer != rank:
+            requests = [comm.Irecv(recv, source=peer), comm.Isend(send, dest=peer)]
+            while not MPI.Request.Testall(requests):
+                pass
+
+    steps = [exchange(name, opt) for name, opt in optimizers.items()]
+    steps += [timed("raw_sendrecv", sendrecv), timed("raw_isend_irecv", isend_irecv),
+              timed("raw_isend_irecv_polled", isend_irecv_polled),
+              timed("hvd_allreduce", lambda: hvd.allreduce_(reduced, name="bench.allreduce"))]
+    out = {}
+    for rep in range(reps):
+        for fn in rotated(steps, rep):
+            comm.Barrier()
+            for k, t in fn().items():
+                out.setdefault(k, []).append(max(comm.allgather(t)))
+    return out
 
 
 def sendrecv_curve(comm, reps, sizes=tuple(4 ** k for k in range(5, 14))):
-    """Median Sendrecv time between rank pairs (0-1, 2-3, ...) against message bytes, to fit alpha/beta."""
+    """Median time of an exchange of one message each way between rank pairs (0-1, 2-3, ...) against message
+    bytes, to fit alpha/beta: ``Isend``/``Irecv`` completed by a ``Testall`` loop (blocking calls here
+    wait for scheduler ticks, see :func:`time_exchange`)."""
     rank = comm.Get_rank()
     peer = rank ^ 1
     curve = []
     for nbytes in sizes:
-        send, recv = torch.ones(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+        send, recv = torch.ones(nbytes, dtype=torch.uint8).numpy(), torch.empty(nbytes, dtype=torch.uint8).numpy()
         times = []
         for _ in range(reps):
             comm.Barrier()
             t0 = time.perf_counter()
             if peer < comm.Get_size():
-                comm.Sendrecv(send.numpy(), dest=peer, recvbuf=recv.numpy(), source=peer)
+                requests = [comm.Irecv(recv, source=peer), comm.Isend(send, dest=peer)]
+                while not MPI.Request.Testall(requests):
+                    pass
             times.append(time.perf_counter() - t0)
         curve.append((nbytes, statistics.median(comm.allgather(statistics.median(times)))))
     return curve
@@ -135,9 +218,9 @@ def main():
     parser.add_argument("--models", default="mlp1m,resnet18,resnet50")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--batch-size", type=int, default=8, help="per learner")
-    parser.add_argument("--steps", type=int, default=10, help="steps per timed repetition")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed repetition")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     hvd.init()
@@ -150,26 +233,21 @@ def main():
         built = {v: build(v, model_name) for v in variants}
         nparams = sum(p.numel() for p in built[variants[0]][0].parameters())
         data, target = torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,))
-        times = {v: [] for v in variants}
-        overhead = {v: [] for v in variants if built[v][2]}
         for v in variants:
             run_steps(*built[v], data, target, args.warmup)
-        for rep in range(args.reps):
-            for v in variants:
-                comm.Barrier()
-                t = run_steps(*built[v], data, target, args.steps)
-                # A step is as slow as the slowest learner.
-                times[v].append(max(comm.allgather(statistics.mean(t))))
-                if v in overhead:
-                    overhead[v].append(max(comm.allgather(diagnostics_overhead(t))))
-        entry = {"params": nparams, "step_s": {v: statistics.median(ts) for v, ts in times.items()}}
+        times, overhead = time_variants(built, variants, data, target, args.steps, args.reps, comm)
+        entry = {"params": nparams, "step_s": times}
         if overhead:
-            entry["diagnostics_overhead"] = {v: statistics.median(o) for v, o in overhead.items()}
-        if "dpsgd_random_peer" in built:
-            entry["exchange_s"] = time_exchange(built["dpsgd_random_peer"][1], 4 * nparams, max(args.reps, 20), comm)
+            entry["diagnostics_overhead"] = overhead
+        if "plugin_ssgd" in built:
+            entry["nonfinite_check_s"] = time_nonfinite_check(built["plugin_ssgd"][1], max(args.reps, 20), comm)
+        exchangers = {v[len("dpsgd_"):]: built[v][1] for v in ("dpsgd_random_peer", "dpsgd_ring") if v in built}
+        if "random_peer" in exchangers:
+            entry["exchange_s"] = time_exchange(exchangers, max(args.reps, 20), comm)
         results["models"][model_name] = entry
         if hvd.rank() == 0:
-            print(json.dumps({model_name: entry}), flush=True)
+            print(json.dumps({model_name: {k: v for k, v in entry.items() if k == "params"} | {
+                "median_step_s": {v: statistics.median(ts) for v, ts in times.items()}}}), flush=True)
     results["sendrecv_curve"] = sendrecv_curve(comm, max(args.reps, 5))
     if hvd.rank() == 0:
         with open(args.out, "w") as f:

@@ -21,8 +21,8 @@ def horovodrun_env(np_: int, base: Optional[Dict[str, str]] = None) -> Dict[str,
     slot per process, so it does not know the cores are full and busy-polls: in every blocking MPI
     call, and in Horovod's background thread, which takes part in a small allreduce every cycle
     (1 ms) even when no tensor is reduced. Those spinning threads starve the ones that compute.
-    Measured here on 2 cores: a 4-process MNIST run took 62 s instead of 18 s, and at 2 processes a
-    ResNet-18 step of Horovod's SSGD took 140-165 ms instead of 100-107 ms (docs/performance.md).
+    Measured here on 2 cores: a 4-process MNIST run took 62 s instead of 18 s, and at 2 processes
+    DPSGD's steps took 1.4-1.6x as long and Horovod's SSGD's 1.1-1.6x (docs/performance.md).
     A value already set is kept.
     """
     env = dict(os.environ if base is None else base)
