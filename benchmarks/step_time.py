@@ -126,6 +126,13 @@ def time_nonfinite_check(opt, reps, comm, calls=5):
     return out
 
 
+def exchange_polled(comm, send, recv, peer):
+    """One message each way with ``peer``: ``Isend``/``Irecv`` completed by a ``Testall`` loop, as the plugin does."""
+    requests = [comm.Irecv(recv, source=peer), comm.Isend(send, dest=peer)]
+    while not MPI.Request.Testall(requests):
+        pass
+
+
 def time_exchange(optimizers, reps, comm):
     """Exchanging one model's weights and mixing them in, per DPSGD optimizer, vs raw MPI and hvd.allreduce.
 
@@ -174,9 +181,7 @@ def time_exchange(optimizers, reps, comm):
 
     def isend_irecv_polled():
         if peer != rank:
-            requests = [comm.Irecv(recv, source=peer), comm.Isend(send, dest=peer)]
-            while not MPI.Request.Testall(requests):
-                pass
+            exchange_polled(comm, send, recv, peer)
 
     steps = [exchange(name, opt) for name, opt in optimizers.items()]
     steps += [timed("raw_sendrecv", sendrecv), timed("raw_isend_irecv", isend_irecv),
@@ -205,9 +210,7 @@ def sendrecv_curve(comm, reps, sizes=tuple(4 ** k for k in range(5, 14))):
             comm.Barrier()
             t0 = time.perf_counter()
             if peer < comm.Get_size():
-                requests = [comm.Irecv(recv, source=peer), comm.Isend(send, dest=peer)]
-                while not MPI.Request.Testall(requests):
-                    pass
+                exchange_polled(comm, send, recv, peer)
             times.append(time.perf_counter() - t0)
         curve.append((nbytes, statistics.median(comm.allgather(statistics.median(times)))))
     return curve
@@ -246,8 +249,8 @@ def main():
             entry["exchange_s"] = time_exchange(exchangers, max(args.reps, 20), comm)
         results["models"][model_name] = entry
         if hvd.rank() == 0:
-            print(json.dumps({model_name: {k: v for k, v in entry.items() if k == "params"} | {
-                "median_step_s": {v: statistics.median(ts) for v, ts in times.items()}}}), flush=True)
+            median_step_s = {v: statistics.median(ts) for v, ts in times.items()}
+            print(json.dumps({model_name: {"params": nparams, "median_step_s": median_step_s}}), flush=True)
     results["sendrecv_curve"] = sendrecv_curve(comm, max(args.reps, 5))
     if hvd.rank() == 0:
         with open(args.out, "w") as f:
