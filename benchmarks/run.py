@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from horovod_dpsgd.launch import horovodrun_command, horovodrun_env  # noqa: E402
+from horovod_dpsgd.experiments.launch import horovodrun_command, horovodrun_env  # noqa: E402
 TARGETS = {  # figure (or the start of its name) -> (limit, "max" | "min")
     "dpsgd_random_peer / horovod_ssgd": (1.0, "max"),
     "dpsgd_random_peer / horovod_ssgd (25M model)": (0.8, "max"),

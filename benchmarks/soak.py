@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import horovod.torch as hvd
 
 import horovod_dpsgd
-from horovod_dpsgd.models import get_model
+from horovod_dpsgd.experiments.models import get_model
 
 
 def rss_mib() -> float:

@@ -19,12 +19,12 @@ import horovod.torch as hvd
 
 import horovod_dpsgd
 from horovod_dpsgd.checkpoint import average_model
-from horovod_dpsgd.data import cifar10
-from horovod_dpsgd.models import get_model
-from horovod_dpsgd.recipes import lr_multiplier, scaled_lr
+from horovod_dpsgd.experiments.data import cifar10
+from horovod_dpsgd.experiments.models import get_model
+from horovod_dpsgd.experiments.recipes import lr_multiplier, scaled_lr
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", default="resnet18", help="one of horovod_dpsgd.models.MODEL_NAMES")
+parser.add_argument("--model", default="resnet18", help="one of horovod_dpsgd.experiments.models.MODEL_NAMES")
 parser.add_argument("--algorithm", default="dpsgd", choices=horovod_dpsgd.ALGORITHMS)
 parser.add_argument("--topology", default="random_peer", help="the paper's setting: a random peer per step")
 parser.add_argument("--batch-size", type=int, default=128, help="per learner")

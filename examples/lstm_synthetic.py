@@ -1,7 +1,7 @@
 """The paper's acoustic model, a 6-layer bidirectional LSTM, on SYNTHETIC sequences.
 
 Switchboard (SWB-300/2000) is not public, so this trains on a synthetic sequence-classification
-set (class-dependent trajectories plus noise; horovod_dpsgd.data.synthetic_sequences). It shows the
+set (class-dependent trajectories plus noise; horovod_dpsgd.experiments.data.synthetic_sequences). It shows the
 plugin on a recurrent model and the paper's ASR recipe (warm-up to a linearly scaled lr, then
 annealing); its accuracies say nothing about speech recognition.
 
@@ -16,9 +16,9 @@ import horovod.torch as hvd
 
 import horovod_dpsgd
 from horovod_dpsgd.checkpoint import average_model
-from horovod_dpsgd.data import synthetic_sequences
-from horovod_dpsgd.models import get_model
-from horovod_dpsgd.recipes import lr_multiplier, scaled_lr
+from horovod_dpsgd.experiments.data import synthetic_sequences
+from horovod_dpsgd.experiments.models import get_model
+from horovod_dpsgd.experiments.recipes import lr_multiplier, scaled_lr
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--algorithm", default="dpsgd", choices=horovod_dpsgd.ALGORITHMS)

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import horovod.torch as hvd
 
 import horovod_dpsgd
-from horovod_dpsgd.data import mnist_sample
-from horovod_dpsgd.models import get_model
+from horovod_dpsgd.experiments.data import mnist_sample
+from horovod_dpsgd.experiments.models import get_model
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--algorithm", default="dpsgd", choices=horovod_dpsgd.ALGORITHMS)

@@ -19,8 +19,8 @@ import horovod.torch as hvd
 
 import horovod_dpsgd
 from horovod_dpsgd.checkpoint import average_model
-from horovod_dpsgd.data import mnist, mnist_sample
-from horovod_dpsgd.models import get_model
+from horovod_dpsgd.experiments.data import mnist, mnist_sample
+from horovod_dpsgd.experiments.models import get_model
 
 parser = argparse.ArgumentParser(description="PyTorch MNIST Example (DPSGD)")
 parser.add_argument("--batch-size", type=int, default=32, help="input batch size per learner")

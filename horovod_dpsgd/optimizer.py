@@ -23,7 +23,7 @@ from horovod_dpsgd.algorithms.dpsgd import DPSGD
 from horovod_dpsgd.algorithms.ssgd import SSGD
 from horovod_dpsgd.callbacks import Callback
 from horovod_dpsgd.errors import MPIEnvironmentError
-from horovod_dpsgd.exchange import DEFAULT_TIMEOUT
+from horovod_dpsgd.comm.exchange import DEFAULT_TIMEOUT
 
 __all__ = ["DistributedOptimizer", "ALGORITHMS"]
 

@@ -40,19 +40,20 @@ fi
 PY="$VENV/bin/python"
 PIP="$PY -m pip --disable-pip-version-check"
 
-STEP="install pinned Python dependencies (constraints.txt)"
-if ! $PY -c "import torch, torchvision, mpi4py, click, tensorboard, pytest, mlxtend, matplotlib" >/dev/null 2>&1; then
-    log "installing torch, torchvision, mpi4py, tensorboard, click, pytest, mlxtend (a few minutes the first time)"
+# What Horovod's build needs first; everything else comes from pyproject.toml in step 4.
+STEP="install torch, torchvision and mpi4py (constraints.txt)"
+if ! $PY -c "import torch, torchvision, mpi4py, cmake, packaging" >/dev/null 2>&1; then
+    log "installing torch, torchvision, mpi4py (a few minutes the first time)"
     $PIP install -q -U pip wheel "setuptools<81"
-    $PIP install -q -c "$ROOT/constraints.txt" torch torchvision mpi4py \
-        click tensorboard pytest pytest-timeout mlxtend matplotlib numpy "cmake<4" packaging
+    $PIP install -q -c "$ROOT/constraints.txt" torch torchvision mpi4py numpy "cmake<4" packaging
 fi
 TORCH_VERSION=$($PY -c "import torch; print(torch.__version__.split('+')[0])")
 PY_TAG=$($PY -c "import sys; print(f'cp{sys.version_info[0]}{sys.version_info[1]}')")
 
 # 3. Horovod from its source distribution, patched for the C++ standard torch's headers need.
 STEP="build Horovod $HOROVOD_VERSION from source"
-if ! "$VENV/bin/horovodrun" --check-build 2>/dev/null | grep -q "\[X\] PyTorch"; then
+CHECK=$("$VENV/bin/horovodrun" --check-build 2>/dev/null || true)
+if ! echo "$CHECK" | grep -q "\[X\] PyTorch"; then
     WHEEL_DIR="$CACHE/horovod-$HOROVOD_VERSION-torch$TORCH_VERSION-$PY_TAG-ompi$MPI_VERSION"
     if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
         log "building Horovod $HOROVOD_VERSION wheel (about 3-5 minutes on 2 cores; cached in $WHEEL_DIR)"
@@ -83,14 +84,14 @@ if ! "$VENV/bin/horovodrun" --check-build 2>/dev/null | grep -q "\[X\] PyTorch";
     log "installing cached Horovod wheel from $WHEEL_DIR"
     $PIP install -q --no-deps --force-reinstall "$WHEEL_DIR"/horovod-*.whl
     $PIP install -q cloudpickle psutil pyyaml packaging cffi
+    CHECK=$("$VENV/bin/horovodrun" --check-build)
 fi
 
-# 4. This package, editable.
-STEP="install horovod-dpsgd (pip install -e .)"
-$PIP install -q --no-deps --no-build-isolation -e "$ROOT"
+# 4. This package, editable, with the research toolkit and the test tools (its extras).
+STEP="install horovod-dpsgd (pip install -e '.[experiments,test]')"
+$PIP install -q -c "$ROOT/constraints.txt" --no-build-isolation -e "$ROOT[experiments,test]"
 
 # 5. Verify.
 STEP="verify Horovod build (horovodrun --check-build must list PyTorch and MPI)"
-CHECK=$("$VENV/bin/horovodrun" --check-build)
 echo "$CHECK" | grep -q "\[X\] PyTorch" && echo "$CHECK" | grep -q "\[X\] MPI"
 log "ready: $("$VENV/bin/python" -c 'import horovod, torch, torchvision, mpi4py; print(f"horovod {horovod.__version__}, torch {torch.__version__}, torchvision {torchvision.__version__}, mpi4py {mpi4py.__version__}")')"

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from horovod_dpsgd.launch import horovodrun_command, horovodrun_env
+from horovod_dpsgd.experiments.launch import horovodrun_command, horovodrun_env
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from horovod_dpsgd.buffers import FlatGroup, FlatParameters
+from horovod_dpsgd.comm.buffers import FlatGroup, FlatParameters
 from horovod_dpsgd.errors import ParameterMismatchError
 
 

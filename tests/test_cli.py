@@ -6,8 +6,8 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from horovod_dpsgd import compare, recipes
-from horovod_dpsgd.cli import _parse_run, _train_command, main
+from horovod_dpsgd.experiments import recipes, reports as compare
+from horovod_dpsgd.experiments.cli import _parse_run, _train_command, main
 
 
 def invoke(*args):

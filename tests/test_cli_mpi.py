@@ -5,12 +5,12 @@ import sys
 
 import pytest
 
-from horovod_dpsgd.launch import horovodrun_command
+from horovod_dpsgd.experiments.launch import horovodrun_command
 from launch import BIN, run
 
 pytestmark = pytest.mark.mpi
 
-TRAIN = ["-m", "horovod_dpsgd.cli", "train", "--batch-size", "100", "--lr", "0.5", "--epochs", "1",
+TRAIN = ["-m", "horovod_dpsgd.experiments.cli", "train", "--batch-size", "100", "--lr", "0.5", "--epochs", "1",
          "--max-steps", "12", "--diag-every", "4", "--log-every", "2", "--topology", "random_peer", "--seed", "3"]
 
 
@@ -38,7 +38,7 @@ def test_same_seeds_give_the_same_run_bit_for_bit(trained):
 def test_landscape_and_hessian_commands_on_a_checkpoint(trained):
     ckpt = trained / "ckpt" / "last"
     assert sorted(p.name for p in ckpt.iterdir()) == ["learner-00000-of-00002.pt", "learner-00001-of-00002.pt"]
-    cli = [sys.executable, "-m", "horovod_dpsgd.cli"]
+    cli = [sys.executable, "-m", "horovod_dpsgd.experiments.cli"]
     proc = run(cli + ["landscape", str(ckpt), "--grid", "3", "--batches", "1", "--batch-size", "100"], timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert (ckpt / "landscape.png").exists() and (ckpt / "landscape.npz").exists()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from horovod_dpsgd.data import (MNIST_MEAN, MNIST_STD, DatasetNotFoundError, cifar10, get_dataset, mnist,
+from horovod_dpsgd.experiments.data import (MNIST_MEAN, MNIST_STD, DatasetNotFoundError, cifar10, get_dataset, mnist,
                                 mnist_sample, shard, synthetic_sequences)
 
 

@@ -18,10 +18,10 @@ import horovod.torch as hvd
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import horovod_dpsgd
-from horovod_dpsgd import diagnostics, noise
+from horovod_dpsgd.diagnostics import callback as diagnostics, quantities as noise
 from horovod_dpsgd.callbacks import StepContext
 from horovod_dpsgd.diagnostics import NoiseDiagnostics
-from horovod_dpsgd.noise import (consensus_distance, effective_learning_rate, hessian_vector_product, landscape_noise,
+from horovod_dpsgd.diagnostics.quantities import (consensus_distance, effective_learning_rate, hessian_vector_product, landscape_noise,
                                  landscape_noise_hessian, layer_consensus_distance, noise_strength)
 
 LR = 0.3

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from horovod_dpsgd.launch import horovodrun_command
+from horovod_dpsgd.experiments.launch import horovodrun_command
 from launch import run
 
 pytestmark = pytest.mark.mpi

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from horovod_dpsgd import landscape
-from horovod_dpsgd.landscape import (LandscapeGrid, filter_normalized_direction, hessian_extremes,
+from horovod_dpsgd.experiments import landscape
+from horovod_dpsgd.experiments.landscape import (LandscapeGrid, filter_normalized_direction, hessian_extremes,
                                      hessian_ratio_map, loss_contour, save_contour, save_heatmap)
 
 

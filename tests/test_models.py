@@ -9,7 +9,7 @@ import functools
 import pytest
 import torch
 
-from horovod_dpsgd.models import CIFAR10_MODELS, MODEL_NAMES, TABLE1_MIB, get_model
+from horovod_dpsgd.experiments.models import CIFAR10_MODELS, MODEL_NAMES, TABLE1_MIB, get_model
 
 # Parameter counts of kuangliu/pytorch-cifar's models (10 classes), counted from its sources: EfficientNetB0 as
 # first published (commit ab90832, 2019), the rest at the repository's last commit (49b7aa9).

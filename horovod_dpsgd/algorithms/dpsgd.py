@@ -4,7 +4,7 @@ r"""Decentralized Parallel SGD, paper Eq. 2.
     w_j(t+1) = \sum_k W_{jk}(t)\, w_k(t) - \alpha \nabla L_{\mu_j(t)}(w_j(t))
 
 The weights ``w_j(t)`` are sent to this step's peers as soon as the backward pass starts (they
-are final then), straight from the parameters' flat storage (see :mod:`horovod_dpsgd.buffers`),
+are final then), straight from the parameters' flat storage (see :mod:`horovod_dpsgd.comm.buffers`),
 so the exchange overlaps the backward computation; ``step()`` waits only for what is still in
 flight, mixes in place, then applies the wrapped optimizer's update (momentum and weight decay
 stay local).
@@ -19,9 +19,9 @@ import horovod.torch as hvd
 
 from horovod_dpsgd import topology as topologies
 from horovod_dpsgd.algorithms.base import StepTracking, named_trainable
-from horovod_dpsgd.buffers import FlatParameters
+from horovod_dpsgd.comm.buffers import FlatParameters
 from horovod_dpsgd.errors import ParameterMismatchError
-from horovod_dpsgd.exchange import Exchange, Transfer, abort_job_on_uncaught_exception, communicator
+from horovod_dpsgd.comm.exchange import Exchange, Transfer, abort_job_on_uncaught_exception, communicator
 
 
 class DPSGD(StepTracking):

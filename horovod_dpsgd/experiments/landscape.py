@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import horovod.torch as hvd
 
-from horovod_dpsgd.noise import batches_hvp, hessian_vector_product
+from horovod_dpsgd.diagnostics.quantities import batches_hvp, hessian_vector_product
 
 __all__ = ["LandscapeGrid", "filter_normalized_direction", "loss_contour", "hessian_extremes", "hessian_ratio_map",
            "save_contour", "save_heatmap"]
@@ -129,7 +129,7 @@ def _grid(steps: int, span: float, rank: int, size: int, channels: int,
         i, j = divmod(index, steps)
         out[:, i, j] = point(float(coords[i]), float(coords[j]))
     if size > 1:
-        out = _allreduce_sum(torch.from_numpy(out), f"horovod_dpsgd.landscape.{name}").numpy()
+        out = _allreduce_sum(torch.from_numpy(out), f"horovod_dpsgd.experiments.landscape.{name}").numpy()
     return coords, out
 
 

@@ -53,7 +53,7 @@ def _check_sizes(vectors: Sequence[torch.Tensor]) -> int:
     n = vectors[0].numel()
     if any(v.numel() != n for v in vectors):
         raise ValueError(f"vectors of different sizes ({', '.join(str(v.numel()) for v in vectors)}): pass flat "
-                         "vectors over the same parameters, e.g. horovod_dpsgd.noise.flatten(model.parameters())")
+                         "vectors over the same parameters, e.g. horovod_dpsgd.diagnostics.quantities.flatten(model.parameters())")
     return n
 
 

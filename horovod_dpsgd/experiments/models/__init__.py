@@ -8,17 +8,17 @@ from typing import Callable, Dict
 
 from torch import nn
 
-from horovod_dpsgd.models.densenet import densenet121
-from horovod_dpsgd.models.efficientnet import efficientnet_b0
-from horovod_dpsgd.models.googlenet import googlenet
-from horovod_dpsgd.models.lstm import lstm
-from horovod_dpsgd.models.mlp import MLP
-from horovod_dpsgd.models.mobilenet import mobilenet, mobilenet_v2
-from horovod_dpsgd.models.resnet import resnet18
-from horovod_dpsgd.models.resnext import resnext29_2x64d
-from horovod_dpsgd.models.senet import senet18
-from horovod_dpsgd.models.shufflenet import shufflenet, shufflenet_g2
-from horovod_dpsgd.models.vgg import vgg19
+from horovod_dpsgd.experiments.models.densenet import densenet121
+from horovod_dpsgd.experiments.models.efficientnet import efficientnet_b0
+from horovod_dpsgd.experiments.models.googlenet import googlenet
+from horovod_dpsgd.experiments.models.lstm import lstm
+from horovod_dpsgd.experiments.models.mlp import MLP
+from horovod_dpsgd.experiments.models.mobilenet import mobilenet, mobilenet_v2
+from horovod_dpsgd.experiments.models.resnet import resnet18
+from horovod_dpsgd.experiments.models.resnext import resnext29_2x64d
+from horovod_dpsgd.experiments.models.senet import senet18
+from horovod_dpsgd.experiments.models.shufflenet import shufflenet, shufflenet_g2
+from horovod_dpsgd.experiments.models.vgg import vgg19
 
 __all__ = ["get_model", "MODEL_NAMES", "CIFAR10_MODELS", "TABLE1_MIB"]
 

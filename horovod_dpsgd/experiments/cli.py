@@ -14,7 +14,7 @@ from typing import Dict, List
 
 import click
 
-from horovod_dpsgd.launch import horovodrun_command, horovodrun_env
+from horovod_dpsgd.experiments.launch import horovodrun_command, horovodrun_env
 from horovod_dpsgd.optimizer import ALGORITHMS
 from horovod_dpsgd.topology import TOPOLOGY_NAMES
 
@@ -96,7 +96,7 @@ def main():
 @click.option("--quiet", is_flag=True, help="No per-epoch lines.")
 def train(**options):
     """Train one configuration. Run it under horovodrun: horovodrun -np 4 horovod-dpsgd train ..."""
-    from horovod_dpsgd.training import TrainConfig, train as run
+    from horovod_dpsgd.experiments.training import TrainConfig, train as run
     options["decay_epochs"] = _floats(options["decay_epochs"], "--decay-epochs")
     run(TrainConfig(**options))
 
@@ -134,7 +134,7 @@ def _parse_run(text: str) -> Dict[str, str]:
 @click.option("--timeout", type=click.IntRange(min=1), default=1800, show_default=True, help="Seconds per run.")
 def compare(np_, runs, seeds, target_accuracy, out, timeout, **options):
     """Run several configurations as separate horovodrun jobs and compare them."""
-    from horovod_dpsgd import compare as cmp
+    from horovod_dpsgd.experiments import reports as cmp
     seeds = [int(s) for s in _floats(seeds, "--seeds")]
     specs = [_parse_run(r) for r in (runs or DEFAULT_RUNS)]
     results: List[dict] = []
@@ -168,7 +168,7 @@ def compare(np_, runs, seeds, target_accuracy, out, timeout, **options):
 
 
 def _train_command(np_: int, args: dict) -> List[str]:
-    cmd = horovodrun_command(np_, ["-m", "horovod_dpsgd.cli", "train", "--quiet"])
+    cmd = horovodrun_command(np_, ["-m", "horovod_dpsgd.experiments.cli", "train", "--quiet"])
     for key, value in args.items():
         if isinstance(value, bool) or value in ("True", "False"):
             flag_on = value is True or value == "True"
@@ -228,8 +228,8 @@ def _checkpoint_model(checkpoint_dir, learner, batches, batch_size, data_dir):
     """The checkpoint's model (averaged or one learner), test batches, and (rank, size, writer)."""
     import torch
     from horovod_dpsgd import checkpoint
-    from horovod_dpsgd.data import get_dataset
-    from horovod_dpsgd.models import get_model
+    from horovod_dpsgd.experiments.data import get_dataset
+    from horovod_dpsgd.experiments.models import get_model
     try:
         state, extra = checkpoint.load_average(checkpoint_dir, learner)
     except checkpoint.CheckpointError as exc:
@@ -252,7 +252,7 @@ def _checkpoint_model(checkpoint_dir, learner, batches, batch_size, data_dir):
 def landscape(checkpoint_dir, learner, grid, span, batches, batch_size, data_dir, seed, out):
     """2-D test-loss contour around a checkpoint along two filter-normalised directions (paper Fig. 3)."""
     import torch.nn.functional as F
-    from horovod_dpsgd.landscape import loss_contour, save_contour
+    from horovod_dpsgd.experiments.landscape import loss_contour, save_contour
     model, data, rank, size = _checkpoint_model(checkpoint_dir, learner, batches, batch_size, data_dir)
     result = loss_contour(model, F.cross_entropy, data, steps=grid, span=span, seed=seed, rank=rank, size=size)
     if rank == 0:
@@ -267,7 +267,7 @@ def landscape(checkpoint_dir, learner, grid, span, batches, batch_size, data_dir
 def hessian(checkpoint_dir, learner, grid, span, batches, batch_size, data_dir, seed, out, iters):
     """Heat map of |lambda_min| / |lambda_max| of the loss Hessian on a grid around a checkpoint (paper Fig. 4)."""
     import torch.nn.functional as F
-    from horovod_dpsgd.landscape import hessian_ratio_map, save_heatmap
+    from horovod_dpsgd.experiments.landscape import hessian_ratio_map, save_heatmap
     model, data, rank, size = _checkpoint_model(checkpoint_dir, learner, batches, batch_size, data_dir)
     result = hessian_ratio_map(model, F.cross_entropy, data, steps=grid, span=span, seed=seed, iters=iters,
                                rank=rank, size=size)

@@ -1,6 +1,6 @@
 """NoiseDiagnostics: measures the paper's noise quantities during training and logs them to TensorBoard.
 
-The quantities themselves are functions of flat vectors in :mod:`horovod_dpsgd.noise`; this callback
+The quantities themselves are functions of flat vectors in :mod:`horovod_dpsgd.diagnostics.quantities`; this callback
 gathers the vectors they need across learners (with Horovod) every ``every`` steps.
 """
 
@@ -16,7 +16,7 @@ import torch
 import horovod.torch as hvd
 
 from horovod_dpsgd.callbacks import Callback, StepContext
-from horovod_dpsgd.noise import (_grads, _rng_states, _seed, _seeded, _sq_norm, _to, _views, batches_hvp, eq3, flatten,
+from horovod_dpsgd.diagnostics.quantities import (_grads, _rng_states, _seed, _seeded, _sq_norm, _to, _views, batches_hvp, eq3, flatten,
                                  gram, landscape_noise, landscape_noise_hessian)
 
 __all__ = ["NoiseDiagnostics", "TAGS"]

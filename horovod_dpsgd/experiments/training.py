@@ -20,9 +20,9 @@ import horovod.torch as hvd
 
 from horovod_dpsgd import checkpoint
 from horovod_dpsgd.callbacks import GaussianNoise
-from horovod_dpsgd.data import shard
+from horovod_dpsgd.experiments.data import shard
 from horovod_dpsgd.optimizer import DistributedOptimizer
-from horovod_dpsgd.recipes import lr_multiplier, scaled_lr
+from horovod_dpsgd.experiments.recipes import lr_multiplier, scaled_lr
 
 __all__ = ["TrainConfig", "train"]
 
@@ -156,8 +156,8 @@ def evaluate(model: torch.nn.Module, loader) -> Tuple[float, float]:
 
 def train(cfg: TrainConfig) -> dict:
     """Train as ``cfg`` says; returns the final metrics (on every rank)."""
-    from horovod_dpsgd.data import get_dataset
-    from horovod_dpsgd.models import get_model
+    from horovod_dpsgd.experiments.data import get_dataset
+    from horovod_dpsgd.experiments.models import get_model
 
     if not hvd.is_initialized():
         hvd.init()
