@@ -26,12 +26,13 @@ from horovod_dpsgd.diagnostics import NoiseDiagnostics
 from horovod_dpsgd.errors import (DPSGDError, ExchangeTimeoutError, MPIEnvironmentError, NonFiniteError,
                                   ParameterMismatchError, TopologyError)
 from horovod_dpsgd.optimizer import ALGORITHMS, DistributedOptimizer
+from horovod_dpsgd.options import Options
 from horovod_dpsgd import checkpoint, topology
 
 _deprecated.install()
 
 __all__ = [
-    "DistributedOptimizer", "ALGORITHMS", "topology", "checkpoint",
+    "DistributedOptimizer", "Options", "ALGORITHMS", "topology", "checkpoint",
     "Callback", "StepContext", "GaussianNoise", "NoiseDiagnostics",
     "DPSGDError", "TopologyError", "MPIEnvironmentError", "ExchangeTimeoutError",
     "ParameterMismatchError", "NonFiniteError",

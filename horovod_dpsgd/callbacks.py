@@ -1,21 +1,25 @@
 """Callbacks: user code that observes (or perturbs) every optimizer step.
 
 Pass callbacks to :func:`horovod_dpsgd.DistributedOptimizer` as ``callbacks=[...]``. Each
-``optimizer.step()`` calls, in order, on every rank:
+``optimizer.step()`` calls four hooks on every rank. A hook runs for every callback, in list order,
+before the next hook runs for any, so each hook sees the effects of all earlier hooks of all callbacks:
 
 1. ``on_before_mixing(ctx)`` - after ``backward()``: gradients are final and parameters hold
    the learner's own weights ``w_j(t)``, at which the gradient was computed.
 2. ``on_after_mixing(ctx)`` - parameters hold the starting weights ``w_s,j(t)`` of Eq. 2
    (the topology's weighted average); gradients are unchanged.
 3. ``on_after_update(ctx)`` - after the wrapped optimizer's update: parameters hold
-   ``w_j(t + 1)``.
+   ``w_j(t + 1)``. Callbacks that perturb the weights (e.g. :class:`GaussianNoise`) do it here.
+4. ``on_step_end(ctx)`` - parameters hold the final ``w_j(t + 1)``, every ``on_after_update``
+   included. For observers (e.g. :class:`~horovod_dpsgd.NoiseDiagnostics`); they must not change
+   the parameters.
 
 In ``algorithm="ssgd"`` mode the communication is Horovod's gradient allreduce, so hooks 1 and 2
 both run after it completed: gradients are the global average and parameters the replicated
 ``w_a(t)`` (SSGD mixes no weights).
 
 A step that only initialises optimizer state (``hvd.broadcast_optimizer_state`` calls
-``step()`` with zero gradients and no backward pass) calls no callback.
+``step()`` with zero gradients before the first backward pass) calls no callback.
 
 Example, a user-written callback that prints the norm of the update every 100 steps::
 
@@ -67,7 +71,7 @@ class StepContext:
 
 
 class Callback:
-    """Base class of step callbacks; override any of the three hooks."""
+    """Base class of step callbacks; override any of the four hooks."""
 
     def on_before_mixing(self, ctx: StepContext) -> None:
         """After backward: gradients final, parameters are the learner's own ``w_j(t)``."""
@@ -76,7 +80,10 @@ class Callback:
         """Parameters are the mixed starting weights ``w_s,j(t)``; the update comes next."""
 
     def on_after_update(self, ctx: StepContext) -> None:
-        """Parameters are ``w_j(t + 1)``."""
+        """Parameters are ``w_j(t + 1)``; perturb them here."""
+
+    def on_step_end(self, ctx: StepContext) -> None:
+        """Parameters are the final ``w_j(t + 1)``, every callback's ``on_after_update`` included; observe only."""
 
 
 class GaussianNoise(Callback):

@@ -1,46 +1,30 @@
 """``horovod_dpsgd.DistributedOptimizer``: a drop-in for ``hvd.DistributedOptimizer``.
 
-Like Horovod, it returns an instance of a dynamic subclass of the user's optimizer class whose
-methods come from one algorithm class: :class:`~horovod_dpsgd.algorithms.dpsgd.DPSGD` (paper
-Eq. 2, the default) or :class:`~horovod_dpsgd.algorithms.ssgd.SSGD` (Horovod's allreduce, Eq. 1).
+Like Horovod, it returns an instance of a class made for the user's optimizer class. Here that class is
+``type(name, (Algorithm, type(optimizer)), {})``: the algorithm mixin
+(:class:`~horovod_dpsgd.algorithms.dpsgd.DPSGD`, paper Eq. 2, the default, or
+:class:`~horovod_dpsgd.algorithms.ssgd.SSGD`, Horovod's allreduce, Eq. 1) placed before the user's class, so
+``isinstance(opt, torch.optim.SGD)`` holds and the algorithm's ``super()`` reaches the user's update.
 """
 
-import os
 import warnings
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-
 import horovod.torch as hvd
 from horovod.torch.compression import Compression
 from horovod.torch.mpi_ops import Adasum, Average, global_process_set
-from horovod.torch.optimizer import _DistributedOptimizer as _HorovodOptimizer
 
-from horovod_dpsgd import topology as topologies
-from horovod_dpsgd.algorithms.base import StepTracking
+from horovod_dpsgd.algorithms.base import named_trainable
 from horovod_dpsgd.algorithms.dpsgd import DPSGD
 from horovod_dpsgd.algorithms.ssgd import SSGD
 from horovod_dpsgd.callbacks import Callback
-from horovod_dpsgd.errors import MPIEnvironmentError
-from horovod_dpsgd.comm.exchange import DEFAULT_TIMEOUT
+from horovod_dpsgd.comm.averaging import NeighbourAverager
+from horovod_dpsgd.options import ALGORITHMS, Options
+from horovod_dpsgd.topology import Topology
 
 __all__ = ["DistributedOptimizer", "ALGORITHMS"]
-
-#: Values of ``algorithm=``.
-ALGORITHMS = ("dpsgd", "ssgd")
-_NONFINITE = ("raise", "skip", "ignore")
-
-
-def _class_dict(*bases) -> dict:
-    merged = {}
-    for base in bases:
-        merged.update({k: v for k, v in base.__dict__.items() if k not in ("__dict__", "__weakref__")})
-    return merged
-
-
-def _launched_by_mpi() -> bool:
-    return any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"))
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,
@@ -55,7 +39,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          process_set=global_process_set,
                          *,
                          algorithm: str = "dpsgd",
-                         topology: Union[str, topologies.Topology, np.ndarray] = "random_peer",
+                         topology: Union[str, Topology, np.ndarray] = "random_peer",
                          callbacks: Sequence[Callback] = (),
                          seed: int = 0,
                          timeout: Optional[float] = None,
@@ -64,9 +48,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          nonfinite: str = "raise") -> torch.optim.Optimizer:
     """Wrap ``optimizer`` for decentralized (DPSGD) or synchronous (SSGD) training.
 
-    Takes the positional and keyword arguments of ``horovod.torch.DistributedOptimizer``
-    (Horovod 0.28.1) and returns, like it, an instance of a dynamic subclass of the user's
-    optimizer class, built on ``optimizer.param_groups``. ``hvd.init()`` must have been called.
+    Takes the positional and keyword arguments of ``horovod.torch.DistributedOptimizer`` (Horovod 0.28.1)
+    and returns, like it, an instance of a class made for the user's optimizer class, built on
+    ``optimizer.param_groups`` (``optimizer.state`` is not carried over). ``hvd.init()`` must have been called.
 
     Args:
         optimizer, named_parameters, compression, backward_passes_per_step, op,
@@ -75,21 +59,11 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
             weights (``Compression.fp16`` halves the bytes); ``op`` must be ``Average`` and
             ``process_set`` the global one; ``groups`` and ``sparse_as_dense`` have no effect
             (all weights travel as one buffer per dtype, sparse gradients are applied locally).
-        algorithm: ``"dpsgd"`` (paper Eq. 2) or ``"ssgd"`` (Horovod's gradient allreduce, Eq. 1).
-        topology: who each learner averages with: a name (``"random_peer"``, ``"ring"``,
-            ``"ring:2"``, ``"random_graph:0.5"``, ``"exponential"``, ``"full"``), a
-            :class:`horovod_dpsgd.topology.Topology`, or a mixing matrix. DPSGD only.
-        callbacks: :class:`horovod_dpsgd.Callback` objects called at fixed points of each step.
-        seed: seed of random topologies; must be the same on every rank.
-        timeout: seconds any wait for a neighbour may take (default ``HOROVOD_DPSGD_TIMEOUT``
-            or 300) before :class:`horovod_dpsgd.ExchangeTimeoutError`.
-        overlap: exchange on a communication thread, overlapping the backward pass.
-        cuda_aware: pass CUDA tensors to MPI directly (default: ``HOROVOD_DPSGD_CUDA_AWARE=1``);
-            otherwise they are staged through pinned host memory.
-        nonfinite: what a NaN or infinite gradient does: ``"raise"`` :class:`NonFiniteError` naming
-            the step, rank and parameter; ``"skip"`` this learner's update (counted in
-            ``skipped_steps``); ``"ignore"`` (no check, as Horovod).
+        algorithm, topology, callbacks, seed, timeout, overlap, cuda_aware, nonfinite:
+            the plugin's settings, keyword-only; see :class:`horovod_dpsgd.Options`.
     """
+    options = Options(algorithm=algorithm, topology=topology, callbacks=tuple(callbacks or ()), seed=seed,
+                      timeout=timeout, overlap=overlap, cuda_aware=cuda_aware, nonfinite=nonfinite)
     if gradient_predivide_factor != 1.0 and op != Average:
         raise ValueError("gradient_predivide_factor not supported with op != Average")
     if num_groups != 0:
@@ -101,42 +75,35 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         raise ValueError("backward_passes_per_step must be > 0")
     if groups is not None and not (isinstance(groups, list) or groups > 0):
         raise ValueError("groups should be a non-negative integer or a list of list of torch.Tensor.")
-    if nonfinite not in _NONFINITE:
-        raise ValueError(f"nonfinite must be one of {', '.join(_NONFINITE)}, got {nonfinite!r}")
-    callbacks = list(callbacks or ())
-    for cb in callbacks:
-        if not isinstance(cb, Callback):
-            raise TypeError(f"callbacks must be horovod_dpsgd.Callback instances, got {type(cb).__name__}")
-    name = optimizer.__class__.__name__
-    if algorithm == "ssgd":
-        if op == Adasum and hvd.size() > 1:
-            if callbacks:
+    if named_parameters is not None:
+        named_parameters = list(named_parameters)
+    named = named_trainable(optimizer.param_groups, named_parameters)
+    base = {"named_parameters": named, "options": options, "rank": hvd.rank(), "size": hvd.size()}
+
+    if options.algorithm == "ssgd":
+        horovod = dict(named_parameters=named_parameters, compression=compression,
+                       backward_passes_per_step=backward_passes_per_step, op=op,
+                       gradient_predivide_factor=gradient_predivide_factor, groups=groups,
+                       sparse_as_dense=sparse_as_dense, process_set=process_set)
+        if op == Adasum and hvd.size() > 1:  # Adasum reduces the updates, not the gradients: Horovod's own class
+            if options.callbacks:
                 raise ValueError("callbacks are not supported with op=Adasum; use op=Average")
-            return hvd.DistributedOptimizer(optimizer, named_parameters, compression, backward_passes_per_step,
-                                            op, gradient_predivide_factor, groups=groups,
-                                            sparse_as_dense=sparse_as_dense, process_set=process_set)
-        cls = type(name, (optimizer.__class__,), _class_dict(_HorovodOptimizer, StepTracking, SSGD))
-        return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, op,
-                   gradient_predivide_factor, groups, sparse_as_dense, process_set, callbacks, nonfinite)
-    if algorithm != "dpsgd":
-        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+            return hvd.DistributedOptimizer(optimizer, **horovod)
+        return _subclass(optimizer, SSGD)(optimizer.param_groups, horovod=horovod, **base)
+
     if op != Average:
         raise ValueError("op is the gradient reduction of algorithm='ssgd'; DPSGD averages weights with the "
                          "topology's mixing weights: leave op=hvd.Average or pass algorithm='ssgd'")
     if process_set is not global_process_set:
         raise ValueError("algorithm='dpsgd' trains over the global process set; pass algorithm='ssgd' to "
                          "reduce over a process set")
-    if hvd.size() == 1 and not _launched_by_mpi():
-        raise MPIEnvironmentError(
-            "horovod-dpsgd was started as a single plain `python` process, so there are no neighbours to "
-            "average with: launch with `horovodrun -np N python ...` (or `mpirun -np N ...`); `horovodrun -np 1` "
-            "trains one learner on purpose")
-    if timeout is None:
-        timeout = float(os.environ.get("HOROVOD_DPSGD_TIMEOUT", DEFAULT_TIMEOUT))
-    if timeout <= 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-    if cuda_aware is None:
-        cuda_aware = os.environ.get("HOROVOD_DPSGD_CUDA_AWARE", "0") == "1"
-    cls = type(name, (optimizer.__class__,), _class_dict(StepTracking, DPSGD))
-    return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step, topology,
-               callbacks, seed, timeout, overlap, cuda_aware, nonfinite)
+    averager = NeighbourAverager.create(named, options, compression)
+    return _subclass(optimizer, DPSGD)(optimizer.param_groups, averager=averager,
+                                       backward_passes_per_step=backward_passes_per_step, **base)
+
+
+def _subclass(optimizer: torch.optim.Optimizer, algorithm: type) -> type:
+    """``type(optimizer)`` with the algorithm mixin before it, under the user's class name (as Horovod)."""
+    cls = type(optimizer)
+    doc = f"{cls.__module__}.{cls.__qualname__} under {algorithm.__name__}: {algorithm.__doc__}"
+    return type(cls.__name__, (algorithm, cls), {"__doc__": doc})

@@ -1,45 +1,75 @@
-"""Synchronous SGD, paper Eq. 1: Horovod's own gradient allreduce, plus callbacks."""
+r"""Synchronous SGD, paper Eq. 1, by Horovod's own gradient allreduce.
 
-from horovod.torch.optimizer import _DistributedOptimizer as _HorovodOptimizer
+.. math::
+    w_j(t+1) = w_a(t) - \alpha\, g_a(t), \qquad g_a(t) = n^{-1} \sum_k \nabla L_{\mu_k(t)}(w_a(t))
 
-from horovod_dpsgd.algorithms.base import StepTracking
+Every learner holds the same weights ``w_a``. The gradients are averaged by a
+``hvd.DistributedOptimizer`` composed into this optimizer: Horovod's hooks start the allreduce during
+the backward pass and its ``synchronize()`` writes ``g_a`` into ``.grad``; this optimizer then applies
+the wrapped optimizer's update, so the weights are bit-identical to ``hvd.DistributedOptimizer``'s.
+"""
+
+import torch
+import horovod.torch as hvd
+
+from horovod_dpsgd.algorithms.base import Algorithm
+
+__all__ = ["SSGD"]
 
 
-class SSGD(StepTracking):
-    """Horovod's ``_DistributedOptimizer`` with step counting and callbacks."""
+class _GradientsOnly(torch.optim.Optimizer):
+    """What the composed Horovod optimizer wraps: it averages the gradients, its own update does nothing."""
 
-    def __init__(self, params, named_parameters, compression, backward_passes_per_step, op,
-                 gradient_predivide_factor, groups, sparse_as_dense, process_set, callbacks, nonfinite):
-        _HorovodOptimizer.__init__(self, params, named_parameters, compression, backward_passes_per_step, op,
-                                   gradient_predivide_factor, groups, sparse_as_dense, process_set)
-        named = [(self._parameter_names.get(p, str(i)), p) for i, p in
-                 enumerate(p for group in self.param_groups for p in group["params"] if p.requires_grad)]
-        self._init_tracking(named, callbacks, "ssgd", nonfinite)
+    def __init__(self, param_groups):
+        super().__init__(param_groups, {})
 
     def step(self, closure=None):
-        if not self._pending:  # state initialisation, see DPSGD.step
-            return super(self.__class__, self).step(closure)
-        if self._should_synchronize and not self._synchronized:
-            self.synchronize()
+        return None
+
+
+class SSGD(Algorithm):
+    """Gradients averaged by Horovod's allreduce (Eq. 1), then the wrapped optimizer's update.
+
+    Args:
+        horovod: Horovod's ``DistributedOptimizer`` arguments (``named_parameters``, ``compression``,
+            ``backward_passes_per_step``, ``op``, ``gradient_predivide_factor``, ``groups``, ``sparse_as_dense``,
+            ``process_set``).
+        other keywords: see :class:`~horovod_dpsgd.algorithms.base.Algorithm`.
+    """
+
+    def __init__(self, params, *, horovod: dict, **kwargs):
+        super().__init__(params, **kwargs)
+        self._allreduce = hvd.DistributedOptimizer(_GradientsOnly(self.param_groups), **horovod)
+
+    def synchronize(self) -> None:
+        """Wait for the gradient allreduce: ``.grad`` then holds ``g_a`` (Horovod's ``synchronize``).
+
+        Use it with ``skip_synchronize()`` exactly as in Horovod (e.g. to clip the averaged gradients).
+        """
+        if self._progress.synchronized:
+            return
+        self._allreduce.synchronize()
+        # SSGD mixes no weights: both hooks see the averaged gradients and the replicated weights w_a(t).
         self._run_callbacks("on_before_mixing")
         self._run_callbacks("on_after_mixing")
-        loss = None
-        if self._gradients_finite():
-            with self.skip_synchronize():
-                loss = _HorovodOptimizer.step(self, closure)
-        else:
-            self._synchronized = False
-        self._run_callbacks("on_after_update")
-        self._step_count += 1
-        self._pending = False
-        return loss
+        self._progress.synchronized = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if self._handles:
+        if self._allreduce._handles:
             raise AssertionError("optimizer.zero_grad() was called after loss.backward() but before "
                                  "optimizer.step() or optimizer.synchronize(). This is prohibited as it can "
                                  "cause a race condition.")
-        return super(self.__class__, self).zero_grad(set_to_none=set_to_none)
+        super().zero_grad(set_to_none=set_to_none)
+
+    @property
+    def backward_passes_per_step(self) -> int:
+        """Backward passes accumulated locally before the gradients are averaged (Horovod's)."""
+        return self._allreduce.backward_passes_per_step
+
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        self._allreduce.set_backward_passes_per_step(passes)
 
     def load_state_dict(self, state_dict) -> None:
-        _HorovodOptimizer.load_state_dict(self, self._load_tracking(state_dict))
+        self._allreduce._handles.clear()  # as Horovod's load_state_dict: drop the allreduces in flight
+        self._allreduce.set_backward_passes_per_step(self._allreduce.backward_passes_per_step)
+        super().load_state_dict(state_dict)

@@ -1,0 +1,139 @@
+r"""The averager of DPSGD over MPI: the first term of paper Eq. 2, ``w_s,j(t) = sum_k W_jk(t) w_k(t)``.
+
+:class:`NeighbourAverager` asks the topology who learner ``j`` averages with at step ``t``
+(:meth:`~horovod_dpsgd.topology.Topology.plan`), has the exchange move the weights, and mixes them into
+the parameters in place. The weights travel straight from the parameters' flat storage
+(:mod:`horovod_dpsgd.comm.buffers`), one message per peer and dtype.
+"""
+
+import os
+import weakref
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import horovod.torch as hvd
+from horovod.torch.compression import Compressor
+
+from horovod_dpsgd import topology as topologies
+from horovod_dpsgd.comm.buffers import FlatParameters
+from horovod_dpsgd.comm.exchange import (Exchange, ExchangeHandle, Transfer, abort_job_on_uncaught_exception,
+                                         communicator)
+from horovod_dpsgd.errors import MPIEnvironmentError, ParameterMismatchError
+from horovod_dpsgd.options import Options
+
+__all__ = ["NeighbourAverager"]
+
+
+def _launched_by_mpi() -> bool:
+    return any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"))
+
+
+def _check_floating(named: Sequence[Tuple[str, torch.Tensor]]) -> None:
+    for name, p in named:
+        if not p.is_floating_point():
+            raise ParameterMismatchError(
+                f"parameter {name!r} has dtype {p.dtype}; DPSGD averages weights and needs floating-point "
+                "parameters: give it requires_grad=False or leave it out of the optimizer")
+
+
+def _check_same_parameters(comm, named: Sequence[Tuple[str, torch.Tensor]]) -> None:
+    """Raise the same :class:`ParameterMismatchError` on every rank unless all ranks train the same model."""
+    mine = [(n, str(p.dtype), tuple(p.shape)) for n, p in named]
+    everyone = comm.allgather(mine)
+    for rank, theirs in enumerate(everyone):
+        if theirs == everyone[0]:
+            continue
+        if len(theirs) != len(everyone[0]):
+            detail = f"{len(everyone[0])} trainable parameters on rank 0 but {len(theirs)} on rank {rank}"
+        else:
+            a, b = next((a, b) for a, b in zip(everyone[0], theirs) if a != b)
+            detail = f"parameter #{everyone[0].index(a)}: rank 0 has {a}, rank {rank} has {b}"
+        raise ParameterMismatchError(
+            f"models differ across ranks ({detail}); DPSGD averages weights element by element, so every "
+            "rank must build the same model with the same parameter order, shapes and dtypes")
+
+
+class NeighbourAverager:
+    """Moves and mixes learner ``rank``'s weights with its neighbours', one step at a time.
+
+    :meth:`start` sends ``w_j(t)`` to step ``t``'s peers (call it once the weights are final, when the
+    backward pass begins, so the transfer overlaps it); :meth:`finish` waits for the peers' weights and
+    overwrites the parameters with ``w_s,j(t)``. Build it with :meth:`create`.
+    """
+
+    __slots__ = (
+        # who: the topology and this learner's place in it
+        "topology", "rank", "size",
+        # what moves, and how: the parameters' flat storage, the exchange, the wire format
+        "flat", "exchange", "compression",
+        # the step in flight
+        "_plan", "_handle",
+        "__weakref__",
+    )
+
+    def __init__(self, flat: FlatParameters, exchange: Exchange, topology: topologies.Topology, *, rank: int,
+                 size: int, compression: Compressor):
+        self.topology, self.rank, self.size = topology, rank, size
+        self.flat, self.exchange, self.compression = flat, exchange, compression
+        self._plan: Optional[topologies.MixingPlan] = None
+        self._handle: Optional[ExchangeHandle] = None
+        # The communication thread ends with the averager. Not at interpreter exit: the daemon thread
+        # then just stops, whereas waking it while Python finalizes can abort the process.
+        weakref.finalize(self, exchange.close).atexit = False
+
+    @classmethod
+    def create(cls, named: Sequence[Tuple[str, torch.Tensor]], options: Options,
+               compression: Compressor) -> "NeighbourAverager":
+        """The averager of this Horovod rank over all ranks. Collective: every rank must call it.
+
+        Moves the parameters into flat storage and checks that every rank trains the same parameters.
+        """
+        rank, size = hvd.rank(), hvd.size()
+        if size == 1 and not _launched_by_mpi():
+            raise MPIEnvironmentError(
+                "horovod-dpsgd was started as a single plain `python` process, so there are no neighbours to "
+                "average with: launch with `horovodrun -np N python ...` (or `mpirun -np N ...`); "
+                "`horovodrun -np 1` trains one learner on purpose")
+        topology = topologies.from_name(options.topology, size, options.seed)
+        _check_floating(named)
+        flat = FlatParameters([p for _, p in named], cuda_aware=options.cuda_aware)
+        comm = communicator(rank, size, options.timeout)
+        _check_same_parameters(comm, named)
+        abort_job_on_uncaught_exception()
+        return cls(flat, Exchange(comm, options.timeout, options.overlap), topology, rank=rank, size=size,
+                   compression=compression)
+
+    def start(self, step: int) -> None:
+        """Send ``w_j(step)`` to the peers of ``step``'s plan and post the receives."""
+        plan = self.topology.plan(self.rank, step)
+        transfers: List[Transfer] = []
+        for group in self.flat.groups:
+            send = group.send_buffer()
+            if plan.collective:
+                transfers.append(Transfer(send, None, [group.sum_buffer()]))
+            elif plan.peers:
+                wire, _ = self.compression.compress(send)
+                transfers.append(Transfer(wire, plan.peers, group.recv_buffers(len(plan.peers), wire.dtype)))
+        self._plan = plan
+        self._handle = self.exchange.start(transfers, step, plan.peers) if transfers else None
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Wait for the peers' weights and set the parameters to ``w_s,j(t) = sum_k W_jk(t) w_k(t)``."""
+        handle, plan = self._handle, self._plan
+        if handle is None:  # no peer this step (e.g. the unmatched learner of an odd world)
+            return
+        handle.wait()
+        self._handle = None
+        for group, transfer in zip(self.flat.groups, handle.transfers):
+            if plan.collective:
+                group.set_average(transfer.recv[0], self.size)
+            else:
+                group.mix(plan.self_weight, [(w, self.compression.decompress(r, group.dtype))
+                                             for w, r in zip(plan.peer_weights, transfer.recv)])
+
+    def drain(self) -> None:
+        """Complete an exchange in flight without mixing (e.g. before loading a checkpoint)."""
+        if self._handle is not None:
+            self._handle.wait()
+            self._handle = None
