@@ -134,8 +134,10 @@ def _loaders(cfg: TrainConfig, train_set, test_set):
                                f"on {size} learners; lower --batch-size")
     test_shard = torch.utils.data.Subset(test_set, range(rank, len(test_set), size))
     test_loader = torch.utils.data.DataLoader(test_shard, batch_size=max(cfg.batch_size, 256))
-    probe_sampler = torch.utils.data.RandomSampler(test_set, generator=torch.Generator().manual_seed(cfg.seed))
-    probe_loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.batch_size, sampler=probe_sampler)
+    # g = grad L(w_a) of Eq. 3 is the gradient of the training loss: a fixed sample of the training set, the
+    # same on every rank (docs/diagnostics.md).
+    probe_sampler = torch.utils.data.RandomSampler(train_set, generator=torch.Generator().manual_seed(cfg.seed))
+    probe_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=probe_sampler)
     probe = [b for _, b in zip(range(cfg.probe_batches), probe_loader)]
     return sampler, train_loader, test_loader, probe
 
@@ -223,7 +225,7 @@ def train(cfg: TrainConfig) -> dict:
                 metrics.record("step", step, loss=step_loss, lr=optimizer.param_groups[0]["lr"])
                 if not math.isfinite(step_loss):
                     result["diverged"] = True
-            if diagnostics is not None and diagnostics.last and diagnostics.last.get("step") == step - 1:
+            if diagnostics is not None and diagnostics.last and diagnostics.last.get("step") == step:
                 metrics.record("diag", step, **{k: v for k, v in diagnostics.last.items() if k != "step"})
             progress.update(float(observed[0]))
             if result["diverged"] or step >= total_steps:
