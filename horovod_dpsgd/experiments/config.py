@@ -108,7 +108,7 @@ class TrainConfig:
                                 click.FloatRange(min=0))
     diag_every: int = _field(0, "Log the noise diagnostics (alpha_e, Delta, Delta2, consensus) every K steps; "
                                 "0: off.", click.IntRange(min=0))
-    probe_batches: int = _field(2, "Test batches of the fixed probe the noise diagnostics measure on.",
+    probe_batches: int = _field(2, "Training batches of the fixed probe on which the noise diagnostics estimate g.",
                                 click.IntRange(min=1))
     log_every: int = _field(1, "Steps between training-loss records.", click.IntRange(min=1))
     eval_every: int = _field(1, "Epochs between test evaluations of the averaged model (the last epoch always).",
