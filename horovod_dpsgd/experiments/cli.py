@@ -14,6 +14,7 @@ from typing import Dict, List
 
 import click
 
+from horovod_dpsgd.experiments.cluster.cli import cluster
 from horovod_dpsgd.experiments.launch import horovodrun_command, horovodrun_env
 from horovod_dpsgd.optimizer import ALGORITHMS
 from horovod_dpsgd.topology import TOPOLOGY_NAMES
@@ -284,6 +285,8 @@ def _save_with_tensorboard(save, result, path):
     writer.close()
     return list(files.values()) + [writer.log_dir]
 
+
+main.add_command(cluster)
 
 if __name__ == "__main__":
     main()
