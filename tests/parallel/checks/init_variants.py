@@ -1,29 +1,31 @@
 """DPSGD after ``hvd.init(comm=MPI.COMM_WORLD)`` with the plugin imported before Horovod is initialised.
 
-Run as ``horovodrun -np N python tests/mpi/init_variants.py OUT.json``.
+A check module of its own, because it initialises Horovod differently: run by tests/parallel/checks/run.py
+(``horovodrun -np N python tests/parallel/checks/run.py OUT.json init_variants``), which imports nothing
+before it; tests/parallel/test_init_variants.py asserts on the result.
 """
-
-import os
-import sys
 
 import horovod_dpsgd as hd  # imported before hvd.init and before mpi4py
 import torch
 import horovod.torch as hvd
 from mpi4py import MPI
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mpi.common import all_weights, loss_fn, make_model, report  # noqa: E402
-from reference import dpsgd_reference  # noqa: E402
+from common import all_weights, check, loss_fn, make_model
+from reference import dpsgd_reference
 
 hvd.init(comm=MPI.COMM_WORLD)
-model = make_model()
-opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), topology="random_peer")
-for t in range(4):
-    opt.zero_grad()
-    loss_fn(model, hvd.rank(), t).backward()
-    opt.step()
-got = all_weights(model)
-models = [make_model() for _ in range(hvd.size())]
-want = torch.stack(dpsgd_reference(models, [torch.optim.SGD(m.parameters(), lr=0.1) for m in models],
-                                   opt.topology, loss_fn, 4))
-report({"max_abs_diff": float((got - want).abs().max()), "mpi_size": MPI.COMM_WORLD.Get_size()})
+
+
+@check("mpi_comm_world_and_plugin_imported_first")
+def _():
+    model = make_model()
+    opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), topology="random_peer")
+    for t in range(4):
+        opt.zero_grad()
+        loss_fn(model, hvd.rank(), t).backward()
+        opt.step()
+    got = all_weights(model)
+    models = [make_model() for _ in range(hvd.size())]
+    want = torch.stack(dpsgd_reference(models, [torch.optim.SGD(m.parameters(), lr=0.1) for m in models],
+                                       opt.topology, loss_fn, 4))
+    return {"max_abs_diff": float((got - want).abs().max()), "mpi_size": MPI.COMM_WORLD.Get_size()}
