@@ -213,7 +213,7 @@ def _checkpoint_model(checkpoint_dir, learner, batches, batch_size, data_dir):
         raise click.BadParameter(str(exc), param_hint="CHECKPOINT_DIR") from None
     model = get_model(extra.get("model", "mlp"))
     model.load_state_dict(state)
-    _, test_set = get_dataset(extra.get("task", "mnist"), data_dir=data_dir)
+    _, test_set = get_dataset(extra.get("task", "mnist"), data_dir=data_dir, pixel_max=extra.get("pixel_max"))
     loader = torch.utils.data.DataLoader(test_set, batch_size=batch_size, shuffle=False)
     data = [b for _, b in zip(range(batches), loader)]
     rank, size = 0, 1

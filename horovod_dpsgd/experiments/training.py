@@ -185,7 +185,7 @@ def train(cfg: TrainConfig) -> dict:
         _check_topology(cfg, size)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // hvd.local_size()))
-    train_set, test_set = get_dataset(cfg.task, data_dir=cfg.data_dir, download=cfg.download)
+    train_set, test_set = get_dataset(cfg.task, data_dir=cfg.data_dir, download=cfg.download, pixel_max=cfg.pixel_max)
     sampler, train_loader, test_loader, probe = _loaders(cfg, train_set, test_set)
     steps_per_epoch = len(train_loader)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
@@ -262,7 +262,8 @@ def train(cfg: TrainConfig) -> dict:
                                                    optimizer.step_count, started))
         if last_checkpoint and ((epoch + 1) % cfg.checkpoint_every == 0 or last_epoch):
             checkpoint.save(last_checkpoint, model, optimizer,
-                            extra={"epoch": epoch + 1, "task": cfg.task, "model": cfg.model})
+                            extra={"epoch": epoch + 1, "task": cfg.task, "model": cfg.model,
+                                   "pixel_max": cfg.pixel_max})
     result["steps"] = optimizer.step_count
     metrics.record("end", optimizer.step_count, **result)
     metrics.close()

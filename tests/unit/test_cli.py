@@ -94,7 +94,9 @@ def test_config_values_are_checked_however_they_arrive(tmp_path):
                        (dict(linear_scaling="maybe"), "linear_scaling: 'maybe' is not a valid boolean"),
                        (dict(topology="torus"), "unknown topology"),
                        (dict(algorithm="adam"), "algorithm: 'adam' is not one of"),
-                       (dict(lr=None), "lr: a value is required")]:
+                       (dict(lr=None), "lr: a value is required"),
+                       (dict(pixel_max=0), "pixel_max: 0.0 is not in the range x>0"),
+                       (dict(task="synthetic_seq", pixel_max=1.5), "pixel_max scales MNIST's pixels")]:
         with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
             TrainConfig(**bad)
     with pytest.raises(ConfigError, match="unknown key 'speed'; valid keys: task, model"):

@@ -43,6 +43,20 @@ def test_mnist_sample_is_scaled_and_normalised_with_mnist_statistics(sample):
     assert abs(x.mean().item()) < 0.2 and 0.8 < x.std().item() < 1.2
 
 
+def test_mnist_pixels_can_be_scaled_to_a_range_instead_of_standardised(sample):
+    scaled, scaled_test = mnist_sample(pixel_max=1.5)
+    x = scaled.tensors[0]
+    assert x.min().item() == 0.0 and x.max().item() == pytest.approx(1.5)
+    # the same digits in the same order, only the pixel map differs
+    assert torch.equal(scaled.tensors[1], sample[0].tensors[1])
+    assert torch.allclose(x, (sample[0].tensors[0] * MNIST_STD + MNIST_MEAN) * 1.5, atol=1e-5)
+    assert len(scaled_test) == 1000
+    with pytest.raises(ValueError, match="pixel_max must be a finite number > 0"):
+        mnist_sample(pixel_max=0)
+    with pytest.raises(ValueError, match="pixel_max scales MNIST's pixels"):
+        get_dataset("synthetic_seq", pixel_max=1.5)
+
+
 def test_mnist_sample_splits_are_disjoint_and_seeded(sample):
     train, test = sample
     train_rows = {row.numpy().tobytes() for row in train.tensors[0]}
@@ -79,6 +93,8 @@ def test_torchvision_mnist_is_read_from_data_dir(tmp_path):
     expected = (torch.from_numpy(images["t10k"][3]).float().flatten() / 255 - MNIST_MEAN) / MNIST_STD
     assert torch.allclose(x, expected, atol=1e-6)
     assert mnist(str(tmp_path), flatten=False)[0][0][0].shape == (1, 28, 28)
+    x, _ = mnist(str(tmp_path), pixel_max=1.5)[1][3]
+    assert torch.allclose(x, torch.from_numpy(images["t10k"][3]).float().flatten() / 255 * 1.5, atol=1e-6)
 
 
 def _md5(path) -> str:
