@@ -39,8 +39,10 @@ def main():
     sampler = torch.utils.data.distributed.DistributedSampler(train_set, hvd.size(), hvd.rank(), seed=args.seed,
                                                               drop_last=True)
     loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True)
-    # The probe estimates g = grad L(w_a): fixed held-out batches, the same on every rank.
-    probe = list(torch.utils.data.DataLoader(test_set, batch_size=args.batch_size))[:2]
+    # The probe estimates g = grad L(w_a), the gradient of the training loss: a fixed sample of the training
+    # set, the same on every rank.
+    probe_order = torch.utils.data.RandomSampler(train_set, generator=torch.Generator().manual_seed(args.seed))
+    probe = list(torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=probe_order))[:2]
 
     model = get_model("mlp")
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
@@ -62,7 +64,7 @@ def main():
             loss.backward()
             diagnostics.observe(data, target, loss)   # references only; used on diagnostic steps
             optimizer.step()
-            if diagnostics.last.get("step") == optimizer.step_count - 1 and hvd.rank() == 0:
+            if diagnostics.last.get("step") == optimizer.step_count and hvd.rank() == 0:
                 d = diagnostics.last
                 print(f"step {optimizer.step_count}: loss {d['loss']:.4f}  alpha_e/alpha {d['alpha_e_over_alpha']:.3f}"
                       f"  Delta {d['delta']:.3g}  Delta2 {d['delta2']:.3g}  consensus {d['consensus_distance']:.3g}", flush=True)

@@ -18,7 +18,7 @@ import horovod.torch as hvd
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import horovod_dpsgd
-from horovod_dpsgd.diagnostics import callback as diagnostics, quantities as noise
+from horovod_dpsgd.diagnostics import callback as diagnostics, measure, quantities as noise
 from horovod_dpsgd.callbacks import StepContext
 from horovod_dpsgd.diagnostics import NoiseDiagnostics
 from horovod_dpsgd.diagnostics.quantities import (consensus_distance, effective_learning_rate, hessian_vector_product, landscape_noise,
@@ -43,18 +43,22 @@ PROBE = [(sym(3, seed=20), None), (sym(3, seed=21), None)]
 H_PROBE = (PROBE[0][0] + PROBE[1][0]) / 2              # Hessian of the probe loss
 
 
-def closed_forms():
-    """Every logged quantity of one DPSGD step, from the definitions, in numpy."""
-    w = [x.numpy() for x in W]
+def closed_forms(after: int = 0):
+    """Every logged quantity of one DPSGD step, from the definitions, in numpy, after ``after`` plain SGD updates
+    w_j <- w_j - alpha A_j w_j (no mixing) of the learners' initial weights W."""
     a = [x.numpy() for x in A]
+    w = [x.numpy() for x in W]
+    for _ in range(after):
+        w = [wj - LR * aj @ wj for aj, wj in zip(a, w)]
     w_a = np.mean(w, 0)
     g_a = np.mean([aj @ wj for aj, wj in zip(a, w)], 0)
     g = H_PROBE.numpy() @ w_a
     alpha_e = LR * (g_a @ g) / (g @ g)
     d = np.mean([aj @ (wj - w_a) for aj, wj in zip(a, w)], 0)
-    return {
-        "alpha_e": alpha_e, "alpha_e_over_alpha": alpha_e / LR, "lr": LR,
-        "delta": LR ** 2 * (g_a @ g_a) - alpha_e ** 2 * (g @ g),
+    delta = LR ** 2 * (g_a @ g_a) - alpha_e ** 2 * (g @ g)
+    return {   # plain SGD, no perturbation: the displacement of w_a is alpha g_a, so both forms of Eq. 3 agree
+        "alpha_e": alpha_e, "alpha_e_over_alpha": alpha_e / LR, "lr": LR, "delta": delta,
+        "grad_alpha_e_over_alpha": alpha_e / LR, "grad_delta": delta, "norm_dw": LR * np.linalg.norm(g_a),
         "delta2": LR ** 2 * (d @ d),
         "delta2_hessian": LR ** 2 / N ** 2 * sum(np.sum((H_PROBE.numpy() @ (wj - w_a)) ** 2) for wj in w),
         "consensus_distance": np.mean([np.sum((wj - w_a) ** 2) for wj in w]),
@@ -96,7 +100,6 @@ def test_eq3_on_a_quadratic():
     assert alpha_e == pytest.approx(expected["alpha_e"], rel=1e-6)
     assert delta == pytest.approx(expected["delta"], rel=1e-6)
     assert LR ** 2 * float(g_a @ g_a) == pytest.approx(alpha_e ** 2 * float(g @ g) + delta, rel=1e-12)
-    assert delta >= 0
 
 
 def test_eq4_definition_on_a_quadratic():
@@ -265,18 +268,21 @@ def learner_steps(rank, steps, every, log_dir=None, hessian=True, observe=True, 
         if observe:
             diag.observe(A[rank], None, loss)
         before = [(p.detach().clone(), p.grad.clone()) for p in model.parameters()]
-        diag.on_before_mixing(StepContext(opt, step, rank, N, "dpsgd"))
+        ctx = StepContext(opt, step, rank, N, "dpsgd")
+        diag.on_before_mixing(ctx)
         for p, (w, g) in zip(model.parameters(), before):   # w_j and .grad restored bit for bit
             assert torch.equal(p, w) and torch.equal(p.grad, g)
+        opt.step()   # no mixing here: mixing with a doubly stochastic W(t) leaves w_a where it is
+        diag.on_step_end(ctx)
     diag.close()
     return diag
 
 
 def test_callback_logs_the_closed_forms_on_every_learner(world, tmp_path):
     diags = world.run(lambda r: learner_steps(r, steps=2, every=2, log_dir=tmp_path if r == 0 else None))
-    expected = closed_forms()
+    expected = closed_forms(after=1)
     for diag in diags:
-        assert diag.count == 1 and diag.last["step"] == 1
+        assert diag.count == 1 and diag.last["step"] == 2
         assert set(diag.last) == set(expected) | {"step"}
         for key, value in expected.items():
             assert diag.last[key] == pytest.approx(value, rel=1e-9), key
@@ -305,12 +311,16 @@ def test_nothing_is_computed_on_other_steps(world):
         for step in range(3):
             # Opaque objects: observe() may only keep references to them.
             diag.observe(object(), object(), object())
-            diag.on_before_mixing(StepContext(opt, step, rank, N, "dpsgd"))
+            ctx = StepContext(opt, step, rank, N, "dpsgd")
+            diag.on_before_mixing(ctx)
+            diag.on_step_end(ctx)
         assert model.calls == 0 and loss_calls[rank] == 0 and diag.count == 0 and diag.last == {}
         loss = model(A[rank])
         loss.backward()
         diag.observe(A[rank], None, loss)
-        diag.on_before_mixing(StepContext(opt, 3, rank, N, "dpsgd"))
+        ctx = StepContext(opt, 3, rank, N, "dpsgd")
+        diag.on_before_mixing(ctx)
+        diag.on_step_end(ctx)
         return model.calls, diag.count
 
     assert world.names == []
@@ -338,13 +348,14 @@ def test_probe_work_is_split_or_not_repeated_and_gives_the_closed_forms(monkeypa
             assert diag.last[key] == pytest.approx(expected[key], rel=1e-9), key
     # Forward passes: 1 (the step's own) + 2 on the minibatch + the probe batches this learner computes.
     probe_passes = [diag.model.calls - 3 for diag in diags]
+    # Averaged: g (unless every learner computes it alike), the gradient difference, g_j and the displacement.
     numel, sums = 3, 1 + 2 + 2   # parameters; consensus total, per layer (2), loss, Eq. 4's Hessian part
     if probe == "same, split among learners":
-        assert probe_passes == [1, 1, 0] and world.averaged[-1] == 3 * numel + sums   # g averaged
+        assert probe_passes == [1, 1, 0] and world.averaged[-1] == 4 * numel + sums   # g averaged
     elif probe == "same, one batch":
-        assert probe_passes == [1, 1, 1] and world.averaged[-1] == 2 * numel + sums   # g not averaged
+        assert probe_passes == [1, 1, 1] and world.averaged[-1] == 3 * numel + sums   # g not averaged
     else:
-        assert probe_passes == [1, 1, 1] and world.averaged[-1] == 3 * numel + sums
+        assert probe_passes == [1, 1, 1] and world.averaged[-1] == 4 * numel + sums
 
 
 def test_missing_observe_skips_delta2_with_a_warning(world):
@@ -370,7 +381,9 @@ def test_dropout_and_batchnorm_leave_no_trace(monkeypatch):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     grads = [p.grad.clone() for p in model.parameters()]
     rng = torch.get_rng_state()
-    diag.on_before_mixing(StepContext(opt, 0, 0, 1, "dpsgd"))
+    ctx = StepContext(opt, 0, 0, 1, "dpsgd")
+    diag.on_before_mixing(ctx)
+    diag.on_step_end(ctx)
     assert diag.last["delta2"] == 0.0 and diag.last["delta2_hessian"] == 0.0
     assert diag.last["consensus_distance"] == 0.0
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())   # weights, BN statistics
@@ -381,7 +394,7 @@ def test_dropout_and_batchnorm_leave_no_trace(monkeypatch):
 def test_reuse_grad_gives_the_same_values_with_one_pass_less(world, monkeypatch):
     # The fake world's learners are threads sharing one random generator (real ranks are processes), so
     # the check that the model drew no random numbers is left out here; the tests below cover it.
-    monkeypatch.setattr(diagnostics, "_rng_states", lambda device: [])
+    monkeypatch.setattr(measure, "_rng_states", lambda device: [])
 
     def run(rank, reuse):
         with warnings.catch_warnings():
@@ -408,7 +421,9 @@ def one_learner_step(model, monkeypatch, clip=False, **kw):
         diag.observe(x, y, loss)
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
-        diag.on_before_mixing(StepContext(opt, step, 0, 1, "dpsgd"))
+        ctx = StepContext(opt, step, 0, 1, "dpsgd")
+        diag.on_before_mixing(ctx)
+        diag.on_step_end(ctx)
         assert diag.last["delta2"] == 0.0
     return diag
 
@@ -469,14 +484,17 @@ def test_ssgd_run_under_horovod_writes_the_documented_tags(tmp_path):
             g = sum(torch.cat([t.reshape(-1) for t in torch.autograd.grad(F.cross_entropy(model(px), py), params)])
                     for px, py in probe).double() / len(probe)
             alpha_e = 0.5 * float(g_a @ g) / float(g @ g)
+            delta = 0.25 * float(g_a @ g_a) - alpha_e ** 2 * float(g @ g)
             expected[step + 1] = {"noise/alpha_e": alpha_e, "noise/alpha_e_over_alpha": alpha_e / 0.5,
+                                  "grad/alpha_e_over_alpha": alpha_e / 0.5, "grad/delta": delta,
+                                  "noise/norm_dw": 0.5 * float(g_a.norm()),
                                   "grad/norm_ga": float(g_a.norm()), "grad/norm_g": float(g.norm()),
                                   "diag/loss": loss.item(), "diag/lr": 0.5, "noise/delta2": 0.0,
                                   "consensus/distance": 0.0, "consensus/0": 0.0, "consensus/2": 0.0,
-                                  "noise/delta": 0.25 * float(g_a @ g_a) - alpha_e ** 2 * float(g @ g)}
+                                  "noise/delta": delta}
         opt.step()
     diag.close()
-    assert diag.count == 2 and diag.last["step"] == 3
+    assert diag.count == 2 and diag.last["step"] == 4
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert set(events.Tags()["scalars"]) == set(expected[2])
@@ -484,4 +502,57 @@ def test_ssgd_run_under_horovod_writes_the_documented_tags(tmp_path):
         got = {e.step: e.value for e in events.Scalars(tag)}
         assert sorted(got) == [2, 4]
         for step, values in expected.items():
-            assert got[step] == pytest.approx(values[tag], rel=1e-5, abs=1e-9), (tag, step)
+            # The displacement is w(t) - w(t + 1) in float32, alpha g_a up to rounding.
+            assert got[step] == pytest.approx(values[tag], rel=1e-4, abs=1e-9), (tag, step)
+
+
+class Bowl(torch.nn.Module):
+    """L(w) = 1/2 |w|^2 over ``size`` weights (gradient w, Hessian I); a batch's inputs are ignored."""
+
+    def __init__(self, size, seed=0):
+        super().__init__()
+        self.w = torch.nn.Parameter(rand(size, seed=seed))
+
+    def forward(self, x):
+        return 0.5 * self.w @ self.w
+
+
+@pytest.mark.parametrize("order", ["diagnostics first", "noise first"])
+def test_ssgd_star_injected_noise_shows_up_in_delta(order):
+    """SSGD* (paper Sec. 2.1): Gaussian noise of std sigma added to the weights after each update. Eq. 3 on the
+    displacement of w_a sees it whatever the callbacks' order: Delta = |dW_a|^2 - (dW_a . g)^2 / |g|^2, whose
+    noise part is sigma^2 (N - 1) on average (N weights, one direction removed by the projection on g)."""
+    hvd.init()
+    size, sigma, lr = 20_000, 0.01, 0.1
+    model = Bowl(size)
+    probe = [(torch.zeros(1), None)]
+    diag = NoiseDiagnostics(model, quadratic_loss, probe, every=1)
+    noise = horovod_dpsgd.GaussianNoise(sigma, seed=3)
+    callbacks = [diag, noise] if order == "diagnostics first" else [noise, diag]
+    opt = horovod_dpsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=lr), algorithm="ssgd",
+                                             named_parameters=model.named_parameters(), callbacks=callbacks)
+    before = model.w.detach().clone()
+    opt.zero_grad()
+    loss = model(None)
+    loss.backward()
+    diag.observe(None, None, loss)
+    opt.step()
+    dw = (before - model.w.detach()).double()          # the step's real displacement, noise included
+    g = before.double()                                  # grad L(w_a) = w_a
+    expected = float(dw @ dw) - float(dw @ g) ** 2 / float(g @ g)
+    assert diag.last["delta"] == pytest.approx(expected, rel=1e-6)
+    assert diag.last["delta"] == pytest.approx(sigma ** 2 * (size - 1), rel=0.05)
+    assert diag.last["grad_delta"] < 1e-9 * diag.last["delta"]   # the gradient term alone is noiseless here
+    assert diag.last["alpha_e_over_alpha"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_ssgd_without_injected_noise_has_no_delta_on_a_deterministic_gradient():
+    hvd.init()
+    model = Bowl(1000)
+    diag = NoiseDiagnostics(model, quadratic_loss, [(torch.zeros(1), None)], every=1)
+    opt = horovod_dpsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), algorithm="ssgd",
+                                             named_parameters=model.named_parameters(), callbacks=[diag])
+    model(None).backward()
+    opt.step()
+    assert diag.last["delta"] < 1e-10 * diag.last["norm_dw"] ** 2
+    assert diag.last["alpha_e_over_alpha"] == pytest.approx(1.0, rel=1e-5)

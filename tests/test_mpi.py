@@ -94,10 +94,18 @@ def test_gaussian_noise_keeps_ssgd_replicas_identical(report):
     assert r["noise_effect"] > 1e-3
 
 
-def test_callbacks_see_own_then_mixed_then_updated_weights(report):
+def test_callbacks_see_own_then_mixed_then_updated_then_final_weights(report):
     r = result(report, "callback_contract")
-    assert r["order"] == [["before_mixing", "after_mixing", "after_update", True, True, True]] * 3
+    assert r["order"] == [["before_mixing", "after_mixing", "after_update", "step_end", True, True, True]] * 3
     assert r["max_abs_diff"] <= 1e-6
+    assert r["noise_seen_at_step_end"] > 1e-4   # on_step_end sees the noise a later callback added
+
+
+def test_noise_diagnostics_measure_eq3_on_the_displacement_of_the_mean(report):
+    r = result(report, "diagnostics_measure_the_displacement_of_the_mean")
+    assert r["step"] == 4 and len(r["got"]) == 2
+    for got, want in zip(r["got"], r["want"]):
+        assert got == pytest.approx(want, rel=1e-3)
 
 
 def test_non_floating_parameters_are_not_exchanged_or_changed(report):

@@ -18,7 +18,7 @@ import horovod.torch as hvd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import horovod_dpsgd as hd  # noqa: E402
-from mpi.common import all_weights, loss_fn, make_model, report  # noqa: E402
+from mpi.common import all_weights, batch, loss_fn, make_model, report  # noqa: E402
 from reference import dpsgd_reference  # noqa: E402
 
 hvd.init()
@@ -249,15 +249,19 @@ class Recorder(hd.Callback):
     def on_after_update(self, ctx):
         self._snap("after_update", ctx)
 
+    def on_step_end(self, ctx):
+        self._snap("step_end", ctx)
+
 
 @check("callback_contract")
 def _():
-    """Parameters are w_j(t), then w_s,j(t) = sum_k W_jk w_k(t), then w_s,j(t) - lr g_j at the three hooks."""
-    lr, recorder = 0.1, Recorder()
+    """Parameters are w_j(t), then w_s,j(t) = sum_k W_jk w_k(t), then w_s,j(t) - lr g_j at the first three hooks;
+    at the fourth, the final weights, including what a callback listed later added in on_after_update."""
+    lr, recorder, noise = 0.1, Recorder(), hd.GaussianNoise(0.01, seed=5)
     model = make_model(seed=RANK)
     opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=lr), topology="ring",
-                                  callbacks=[recorder])
-    worst, order = 0.0, []
+                                  callbacks=[recorder, noise])
+    worst, order, noise_seen = 0.0, [], []
     w = opt.topology.mixing_matrix(0)
     for t in range(3):
         opt.zero_grad()
@@ -265,12 +269,50 @@ def _():
         before = all_weights(model)  # w_k(t) of every learner
         recorder.seen.clear()
         opt.step()
-        (h0, s0, r0, n0, w_j, g_j), (h1, _, _, _, w_s, _), (h2, _, _, _, w_next, _) = recorder.seen
-        order.append([h0, h1, h2, s0 == t, r0 == RANK, n0 == SIZE])
+        final = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+        (h0, s0, r0, n0, w_j, g_j), (h1, _, _, _, w_s, _), (h2, _, _, _, w_next, _), (h3, _, _, _, w_end, _) = \
+            recorder.seen
+        order.append([h0, h1, h2, h3, s0 == t, r0 == RANK, n0 == SIZE])
         expected_mix = sum(w[RANK, k] * before[k] for k in range(SIZE))
         worst = max(worst, float((w_j - before[RANK]).abs().max()), float((w_s - expected_mix).abs().max()),
-                    float((w_next - (w_s - lr * g_j)).abs().max()))
-    return {"order": order, "max_abs_diff": worst}
+                    float((w_next - (w_s - lr * g_j)).abs().max()), float((w_end - final).abs().max()))
+        noise_seen.append(float((w_end - w_next).abs().max()))
+    return {"order": order, "max_abs_diff": worst, "noise_seen_at_step_end": min(noise_seen)}
+
+
+@check("diagnostics_measure_the_displacement_of_the_mean")
+def _():
+    """NoiseDiagnostics against Eq. 3 computed here from every learner's weights before and after the step
+    (momentum and Gaussian weight noise included) and the probe gradient at w_a(t), and Eq. 4's definition."""
+    lr, every = 0.2, 2
+    model = make_model(seed=RANK)
+    probe = [batch(100, 0, size=32), batch(101, 0, size=32)]   # the same training sample on every rank
+    diag = hd.NoiseDiagnostics(model, torch.nn.functional.cross_entropy, probe, every=every)
+    opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), topology="ring",
+                                  callbacks=[diag, hd.GaussianNoise(0.003, seed=2)])
+    got, want = [], []
+    for t in range(2 * every):
+        opt.zero_grad()
+        x, y = batch(RANK, t)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        diag.observe(x, y, loss)
+        before = all_weights(model)
+        opt.step()
+        after = all_weights(model)
+        if (t + 1) % every:
+            continue
+        w_a = before.mean(0)
+        at_mean = make_model()
+        torch.nn.utils.vector_to_parameters(w_a, at_mean.parameters())
+        g = sum(torch.nn.utils.parameters_to_vector(torch.autograd.grad(
+            torch.nn.functional.cross_entropy(at_mean(px), py), list(at_mean.parameters()))) for px, py in probe) / 2
+        d, g = (w_a - after.mean(0)).double(), g.double()
+        alpha_e = float(d @ g) / float(g @ g)
+        want.append([alpha_e / lr, float(d @ d) - alpha_e ** 2 * float(g @ g),
+                     float(((before - w_a) ** 2).sum(1).mean())])
+        got.append([diag.last["alpha_e_over_alpha"], diag.last["delta"], diag.last["consensus_distance"]])
+    return {"got": got, "want": want, "step": diag.last["step"]}
 
 
 @check("frozen_integer_parameter_left_alone")
