@@ -29,10 +29,13 @@ def loss_fn(model, j, t, k=0):
     return F.cross_entropy(model(x), y)
 
 
+def flat(params):
+    return torch.cat([p.detach().reshape(-1) for p in params])
+
+
 def rows(learners):
-    """Learner j's flat weights in row j."""
-    return torch.stack([torch.nn.utils.parameters_to_vector(learners.learner(j).parameters()).detach()
-                        for j in range(learners.n)])
+    """Learner j's flat weights in row j (its parameters are views of the stacked ones, not always contiguous)."""
+    return torch.stack([flat(learners.learner(j).parameters()) for j in range(learners.n)])
 
 
 def train(learners, opt, steps, passes=1):
@@ -79,8 +82,24 @@ def test_learner_views_share_the_stacked_storage_and_the_average_is_the_mean():
     torch.testing.assert_close(next(learners.parameters())[2], first)
     average = learners.average()
     assert type(average) is type(make_model())
-    torch.testing.assert_close(torch.nn.utils.parameters_to_vector(average.parameters()), rows(learners).mean(0))
+    torch.testing.assert_close(flat(average.parameters()), rows(learners).mean(0))
     assert [n for n, _ in learners.stacked_parameters()] == [n for n, _ in make_model().named_parameters()]
+
+
+def test_parameters_are_laid_out_as_their_gradients_come_without_a_trace():
+    learners = sim.Learners(torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Dropout(0.5)), 4)
+    weight = learners.module[0].weight
+    before = weight.detach().clone()
+    x = torch.randn(4, 5, 8)
+    torch.manual_seed(1)
+    out = learners(x)  # the first call lays the parameters out (a forward/backward pass with the RNG forked)
+    torch.manual_seed(1)
+    assert torch.equal(learners(x), out)
+    assert weight.grad is None and torch.equal(weight.detach(), before) and not weight.is_contiguous()
+    incoming = []
+    weight.register_hook(lambda g: incoming.append(g.data_ptr()))
+    learners(x).sum().backward()
+    assert weight.grad.stride() == weight.stride() and weight.grad.data_ptr() == incoming[0]  # not copied
 
 
 class BatchNormNet(torch.nn.Module):
@@ -117,9 +136,10 @@ def test_inputs_without_the_learner_dimension_get_a_clear_error():
 
 # -- mixing: one product with W(t) --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("topology,n,kind", [("ring", 5, "dense"), ("ring", 20, "sparse"), ("ring:2", 7, "dense"),
+@pytest.mark.parametrize("topology,n,kind", [("ring", 5, "dense"), ("ring", 20, "neighbours"), ("ring:2", 7, "dense"),
                                              ("exponential", 64, "sparse"), ("full", 6, "mean"),
-                                             ("random_graph", 9, "dense")])
+                                             ("random_graph", 9, "dense"), ("random_peer", 33, "neighbours"),
+                                             ("random_graph:0.5", 20, "dense")])
 def test_mixing_is_the_product_with_the_mixing_matrix(topology, n, kind):
     topo = topologies.from_name(topology, n, seed=1)
     w = MixingMatrix.of(topo.mixing_matrix(0))
@@ -307,7 +327,8 @@ def nan_run(nonfinite, bad=1, at=1, steps=3):
             mixed, momentum = rows(learners), [opt.state[p]["momentum_buffer"].clone() for p in learners.parameters()]
             with opt.skip_synchronize():
                 opt.step()
-            after, momentum_after = rows(learners), [opt.state[p]["momentum_buffer"].clone() for p in learners.parameters()]
+            after = rows(learners)
+            momentum_after = [opt.state[p]["momentum_buffer"].clone() for p in learners.parameters()]
         else:
             opt.step()
     return opt, mixed, after, momentum, momentum_after
@@ -345,3 +366,56 @@ def test_state_dict_round_trip_continues_exactly():
         ls.losses(F.cross_entropy, ls(x), y).sum().backward()
         o.step()
     assert torch.equal(rows(learners), rows(learners2))
+
+
+# -- the noise diagnostics: the plugin's own, once per learner ------------------------------------------------------
+
+def test_noise_diagnostics_measure_eq3_on_the_displacement_of_the_mean():
+    """As tests/mpi/checks.py's diagnostics check: Eq. 3 from every learner's weights before and after the step
+    (momentum and Gaussian weight noise included) and the probe gradient at w_a(t)."""
+    n, lr, every = 4, 0.2, 2
+    learners = sim.Learners(make_model(), n, init=[make_model(seed=j) for j in range(n)])
+    probe = [batch(100, 0, size=32), batch(101, 0, size=32)]
+    diag = sim.NoiseDiagnostics(learners, F.cross_entropy, probe, every=every)
+    opt = sim.DistributedOptimizer(torch.optim.SGD(learners.parameters(), lr=lr, momentum=0.9), learners,
+                                   topology="ring", callbacks=[diag, hd.GaussianNoise(0.003, seed=2)])
+    for t in range(2 * every):
+        opt.zero_grad()
+        x, y = batches(n, t)
+        losses = learners.losses(F.cross_entropy, learners(x), y)
+        losses.sum().backward()
+        diag.observe(x, y, losses)
+        before = rows(learners)
+        opt.step()
+        after = rows(learners)
+        if (t + 1) % every:
+            assert diag.last == {} or diag.last["step"] == t
+            continue
+        w_a = before.mean(0)
+        at_mean = make_model()
+        torch.nn.utils.vector_to_parameters(w_a, at_mean.parameters())
+        g = sum(torch.nn.utils.parameters_to_vector(torch.autograd.grad(
+            F.cross_entropy(at_mean(px), py), list(at_mean.parameters()))) for px, py in probe) / 2
+        d, g = (w_a - after.mean(0)).double(), g.double()
+        alpha_e = float(d @ g) / float(g @ g)
+        assert diag.last["step"] == t + 1 and diag.count == (t + 1) // every
+        assert diag.last["alpha_e_over_alpha"] == pytest.approx(alpha_e / lr, rel=1e-4)
+        assert diag.last["delta"] == pytest.approx(float(d @ d) - alpha_e ** 2 * float(g @ g), rel=1e-3)
+        assert diag.last["consensus_distance"] == pytest.approx(float(((before - w_a) ** 2).sum(1).mean()), rel=1e-5)
+        assert diag.last["loss"] == pytest.approx(float(losses.detach().mean()), rel=1e-6)
+        assert diag.last["delta2"] > 0
+
+
+def test_a_learner_failing_in_the_diagnostics_fails_the_step_without_a_hang():
+    learners = sim.Learners(make_model(), 3)
+    diag = sim.NoiseDiagnostics(learners, F.cross_entropy, [batch(0, 0)], every=1)
+
+    def broken(out, y):
+        raise RuntimeError("learner 1 broke")
+
+    diag.per_learner[1].loss_fn = broken
+    opt = sim.DistributedOptimizer(torch.optim.SGD(learners.parameters(), lr=0.1), learners, callbacks=[diag])
+    x, y = batches(3, 0)
+    learners.losses(F.cross_entropy, learners(x), y).sum().backward()
+    with pytest.raises(RuntimeError, match="learner 1 broke"):
+        opt.step()

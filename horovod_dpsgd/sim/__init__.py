@@ -19,8 +19,9 @@ launch or toolkit dependency. See docs/simulator.md.
 """
 
 from horovod_dpsgd.sim.averaging import MixingMatrix, StackedAverager, StackedGradientMean
+from horovod_dpsgd.sim.diagnostics import LearnerGroup, NoiseDiagnostics
 from horovod_dpsgd.sim.learners import Learners
 from horovod_dpsgd.sim.optimizer import ELEMENTWISE_OPTIMIZERS, DistributedOptimizer, LearnerContext, Stacked
 
-__all__ = ["Learners", "DistributedOptimizer", "LearnerContext", "Stacked", "StackedAverager",
-           "StackedGradientMean", "MixingMatrix", "ELEMENTWISE_OPTIMIZERS"]
+__all__ = ["Learners", "DistributedOptimizer", "NoiseDiagnostics", "LearnerContext", "Stacked", "StackedAverager",
+           "StackedGradientMean", "MixingMatrix", "LearnerGroup", "ELEMENTWISE_OPTIMIZERS"]

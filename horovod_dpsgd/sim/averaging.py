@@ -23,9 +23,11 @@ from horovod_dpsgd.errors import ParameterMismatchError
 
 __all__ = ["MixingMatrix", "StackedAverager", "StackedGradientMean"]
 
-#: Above this many learners, a mixing matrix with at most this fraction of non-zero entries is applied as a
-#: sparse (CSR) product; below, or denser, as a dense one (see docs/simulator.md for the measurements).
-SPARSE_MIN_LEARNERS, SPARSE_MAX_DENSITY = 16, 0.25
+#: How a mixing matrix is applied (docs/simulator.md has the measurements behind the thresholds): below
+#: ``SPARSE_MIN_LEARNERS`` learners as a dense product; above, a matrix whose rows have at most
+#: ``NEIGHBOURS_MAX`` non-zero entries learner by learner (gather the neighbours' rows, one matrix-vector product),
+#: one with at most ``SPARSE_MAX_DENSITY`` of its entries non-zero as a CSR product, any other dense.
+SPARSE_MIN_LEARNERS, NEIGHBOURS_MAX, SPARSE_MAX_DENSITY = 16, 8, 0.25
 
 
 def _rows(t: torch.Tensor) -> Optional[torch.Tensor]:
@@ -47,34 +49,45 @@ def _rows(t: torch.Tensor) -> Optional[torch.Tensor]:
 class MixingMatrix:
     """``W(t)`` of one step, applied to stacked rows: ``rows <- W(t) rows``, in place.
 
-    Full averaging (every entry ``1/n``) is a mean over learners; a sparse matrix (many learners, few
-    neighbours) a CSR product; any other a dense product. Build it with :meth:`of`.
+    ``kind`` says how: ``"mean"`` (full averaging, every entry ``1/n``), ``"dense"`` (a matrix product),
+    ``"sparse"`` (a CSR product) or ``"neighbours"`` (row ``j`` of the result is the product of the rows of
+    ``j``'s neighbours with their weights). Build it with :meth:`of`.
     """
 
-    __slots__ = ("kind", "matrix", "_cast")
+    __slots__ = ("kind", "matrix", "neighbours", "_cast")
 
-    def __init__(self, kind: str, matrix: Optional[torch.Tensor]):
-        self.kind, self.matrix = kind, matrix
-        self._cast: Dict[Tuple[torch.dtype, torch.device], torch.Tensor] = {}
+    def __init__(self, kind: str, matrix: Optional[torch.Tensor] = None,
+                 neighbours: Sequence[Tuple[torch.Tensor, torch.Tensor]] = ()):
+        self.kind, self.matrix, self.neighbours = kind, matrix, list(neighbours)
+        self._cast: Dict[Tuple[torch.dtype, torch.device], object] = {}
 
     @classmethod
     def of(cls, w: np.ndarray) -> "MixingMatrix":
         n = w.shape[0]
         if np.allclose(w, 1.0 / n, rtol=0, atol=1e-12):
-            return cls("mean", None)
+            return cls("mean")
         dense = torch.from_numpy(np.ascontiguousarray(w))
-        if n >= SPARSE_MIN_LEARNERS and np.count_nonzero(w) <= SPARSE_MAX_DENSITY * n * n:
+        nonzero = w != 0
+        if n < SPARSE_MIN_LEARNERS:
+            return cls("dense", dense)
+        if nonzero.sum(1).max() <= NEIGHBOURS_MAX:
+            return cls("neighbours", neighbours=[(torch.from_numpy(np.flatnonzero(row)), torch.from_numpy(w[j, row]))
+                                                 for j, row in enumerate(nonzero)])
+        if nonzero.sum() <= SPARSE_MAX_DENSITY * n * n:
             with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
                 warnings.simplefilter("ignore", UserWarning)
                 return cls("sparse", dense.to_sparse_csr())
         return cls("dense", dense)
 
-    def _like(self, rows: torch.Tensor) -> torch.Tensor:
+    def _like(self, rows: torch.Tensor):
+        """The matrix (or the neighbours' indices and weights) in ``rows``' dtype and on its device."""
         key = (rows.dtype, rows.device)
         if key not in self._cast:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
-                self._cast[key] = self.matrix.to(device=rows.device, dtype=rows.dtype)
+                self._cast[key] = [(i.to(rows.device), v.to(device=rows.device, dtype=rows.dtype))
+                                   for i, v in self.neighbours] if self.kind == "neighbours" else \
+                    self.matrix.to(device=rows.device, dtype=rows.dtype)
         return self._cast[key]
 
     @torch.no_grad()
@@ -82,6 +95,11 @@ class MixingMatrix:
         """``rows <- W rows`` for an ``(n, m)`` matrix of stacked learners' elements."""
         if self.kind == "mean":
             rows.copy_(rows.mean(0, keepdim=True).expand_as(rows))
+        elif self.kind == "neighbours":
+            mixed = torch.empty_like(rows)
+            for j, (index, weights) in enumerate(self._like(rows)):
+                torch.mv(rows.index_select(0, index).t(), weights, out=mixed[j])
+            rows.copy_(mixed)
         elif self.kind == "sparse":
             rows.copy_(torch.sparse.mm(self._like(rows), rows))
         else:

@@ -9,6 +9,7 @@ gradient of learner ``j``'s loss at its own weights, ``grad L_mu_j(w_j)`` (paper
 """
 
 import copy
+import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -16,6 +17,39 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 __all__ = ["Learners"]
+
+
+def _learner_major(t: torch.Tensor) -> bool:
+    """Whether each learner's elements of ``t`` fill one block of consecutive memory, the blocks in learner order."""
+    n = t.shape[0]
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape[1:], t.stride()[1:]) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return n == 1 or t.stride(0) == expected
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a model's output (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+def _set_grad_view(view: torch.Tensor, stacked_grad: Optional[torch.Tensor], j: int) -> None:
+    """``view.grad = stacked_grad[j]``, keeping the same view object while ``stacked_grad`` is the same tensor (so
+    its identity and version say, as for any ``.grad``, whether the gradient was replaced or changed)."""
+    if stacked_grad is None:
+        view.grad = None
+    elif view.grad is None or getattr(view, "_stacked_grad", lambda: None)() is not stacked_grad:
+        view.grad = stacked_grad[j]
+        view._stacked_grad = weakref.ref(stacked_grad)
 
 
 class Learners(nn.Module):
@@ -63,6 +97,8 @@ class Learners(nn.Module):
         self.randomness = randomness
         # Learner j's view of the stacked tensors, as a model of its own (built on demand, see learner()).
         self.__dict__["_replicas"] = None
+        # The parameters are laid out as their gradients come, at the first forward pass (see _adopt_layout).
+        self.__dict__["_laid_out"] = False
 
     # -- forward ---------------------------------------------------------------------------------------------
     def _stacked(self) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
@@ -74,12 +110,44 @@ class Learners(nn.Module):
             if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] != self.n):
                 raise ValueError(f"inputs carry the learner dimension first: expected shape ({self.n}, ...), got "
                                  f"{tuple(x.shape)}; stack the {self.n} learners' batches with torch.stack")
+        if not self.__dict__["_laid_out"]:
+            self._adopt_layout(inputs)
+        return self._forward(inputs)
+
+    def _forward(self, inputs: Tuple[Any, ...]) -> Any:
         params, buffers = self._stacked()
 
         def one(params, buffers, *xs):
             return functional_call(self.module, (params, buffers), xs)
 
         return vmap(one, randomness=self.randomness)(params, buffers, *inputs)
+
+    @torch.no_grad()
+    def _adopt_layout(self, inputs: Tuple[Any, ...]) -> None:
+        """Lay each stacked parameter out in memory as its gradient comes out of the backward pass, so that autograd
+        hands the gradients over without a reordering copy; once, before the first forward pass.
+
+        A batched linear layer, for one, computes the gradient of each learner's ``(out, in)`` weight in ``(in,
+        out)`` memory order, which autograd would otherwise copy into the parameter's order at every step (a
+        transposing copy of the largest tensor; measured in docs/simulator.md). The layouts are found with a
+        forward and backward pass on ``inputs`` that leaves no trace (gradients not accumulated, buffers and random
+        state restored). Values, shapes and the parameter objects stay; learner ``j``'s parameters
+        (:meth:`learner`) are views that may then not be contiguous (use ``reshape``, not ``view``).
+        """
+        self.__dict__["_laid_out"] = True
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if not params:
+            return
+        device = params[0].device
+        buffers = [(b, b.clone()) for b in self.module.buffers()]
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+            outputs = [t for t in _tensors(self._forward(inputs)) if t.requires_grad]
+            grads = torch.autograd.grad(sum(t.sum() for t in outputs), params, allow_unused=True) if outputs else ()
+        for b, value in buffers:
+            b.copy_(value)
+        for p, g in zip(params, grads):
+            if g is not None and g.shape == p.shape and g.stride() != p.stride() and _learner_major(g):
+                p.data = torch.empty_strided(p.shape, g.stride(), dtype=p.dtype, device=p.device).copy_(p.data)
 
     def losses(self, loss_fn: Callable[[Any, Any], torch.Tensor], outputs: Any, targets: Any) -> torch.Tensor:
         """``loss_fn(outputs[j], targets[j])`` of every learner, as a tensor of ``n`` losses.
@@ -126,12 +194,12 @@ class Learners(nn.Module):
         except KeyError:
             raise ValueError("a parameter is not one of these learners' stacked parameters") from None
         out = []
-        for model in self._learner_models():
+        for j, model in enumerate(self._learner_models()):
             own = list(model.parameters())
             views = []
             for p, i in zip(stacked, where):
                 view = own[i]
-                view.grad = None if p.grad is None else p.grad[len(out)]
+                _set_grad_view(view, p.grad, j)
                 views.append(view)
             out.append(views)
         return out

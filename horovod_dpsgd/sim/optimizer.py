@@ -15,7 +15,7 @@ own update (momentum, weight decay, Adam's moments per learner) when the update 
 
 import dataclasses
 import functools
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch

@@ -56,35 +56,70 @@ class Recorder(hd.Callback):
         self._snap("step_end", ctx)
 
 
-def mpi_run(case, algorithm, topology, momentum, noise):
+#: The noise diagnostics' probe: a fixed sample, the same on every learner.
+PROBE = [batch(100, 0, size=32), batch(101, 0, size=32)]
+DIAG_EVERY = 2
+
+
+def mpi_run(case, algorithm, topology, momentum, noise, diagnostics):
     model = make_model()
     recorder = Recorder()
     callbacks = [recorder] + ([hd.GaussianNoise(noise, seed=5)] if noise else [])
+    diag = hd.NoiseDiagnostics(model, F.cross_entropy, PROBE, every=DIAG_EVERY) if diagnostics else None
     opt = hd.DistributedOptimizer(optimizer(model.parameters(), momentum),
                                   named_parameters=[(f"{case}.{n}", p) for n, p in model.named_parameters()],
-                                  algorithm=algorithm, topology=topology, seed=3, callbacks=callbacks)
+                                  algorithm=algorithm, topology=topology, seed=3,
+                                  callbacks=callbacks + ([diag] if diag else []))
+    measured = []
     for t in range(STEPS):
         opt.zero_grad()
-        loss_fn(model, RANK, t).backward()
+        x, y = batch(RANK, t)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if diag:
+            diag.observe(x, y, loss)
         opt.step()
+        if diag and diag.last.get("step") == t + 1:
+            measured.append(dict(diag.last))
     seen = hvd.allgather_object(recorder.seen, name=f"{case}.seen")
-    return all_weights(model), [s for rank_seen in seen for s in rank_seen]
+    return all_weights(model), [s for rank_seen in seen for s in rank_seen], measured
 
 
-def sim_run(algorithm, topology, momentum, noise):
+def sim_run(algorithm, topology, momentum, noise, diagnostics):
     learners = sim.Learners(make_model(), SIZE)
     recorder = Recorder()
     callbacks = [recorder] + ([hd.GaussianNoise(noise, seed=5)] if noise else [])
+    diag = sim.NoiseDiagnostics(learners, F.cross_entropy, PROBE, every=DIAG_EVERY) if diagnostics else None
     opt = sim.DistributedOptimizer(optimizer(learners.parameters(), momentum), learners, algorithm=algorithm,
-                                   topology=topology, seed=3, callbacks=callbacks)
+                                   topology=topology, seed=3, callbacks=callbacks + ([diag] if diag else []))
+    measured = []
     for t in range(STEPS):
         opt.zero_grad()
         x, y = (torch.stack(v) for v in zip(*(batch(j, t) for j in range(SIZE))))
-        learners.losses(F.cross_entropy, learners(x), y).sum().backward()
+        losses = learners.losses(F.cross_entropy, learners(x), y)
+        losses.sum().backward()
+        if diag:
+            diag.observe(x, y, losses)
         opt.step()
+        if diag and diag.last.get("step") == t + 1:
+            measured.append(dict(diag.last))
     weights = torch.stack([torch.cat([p.detach().reshape(-1) for p in learners.learner(j).parameters()])
                            for j in range(SIZE)])
-    return weights, recorder.seen
+    return weights, recorder.seen, measured
+
+
+def compare_measured(mpi, simulated):
+    """Largest relative difference of the diagnostics' values, step by step; keys and steps must be the same."""
+    if [sorted(m) for m in mpi] != [sorted(m) for m in simulated] or len(mpi) != STEPS // DIAG_EVERY:
+        return {"same_keys": False, "mpi": [sorted(m) for m in mpi], "sim": [sorted(m) for m in simulated]}
+    worst, where = 0.0, None
+    for a, b in zip(mpi, simulated):
+        for key in a:
+            diff = abs(a[key] - b[key]) / max(abs(a[key]), 1e-12)
+            if diff > worst:
+                worst, where = diff, [a["step"], key, a[key], b[key]]
+    return {"same_keys": True, "steps": [m["step"] for m in mpi], "keys": sorted(mpi[0]), "max_rel_diff": worst,
+            "worst": where}
 
 
 def compare_seen(mpi, simulated):
@@ -100,15 +135,16 @@ def compare_seen(mpi, simulated):
     return {"same_records": True, "records": len(mpi), "max_rel_diff": worst}
 
 
-def case(name, algorithm="dpsgd", topology="ring", momentum=0.0, noise=0.0):
+def case(name, algorithm="dpsgd", topology="ring", momentum=0.0, noise=0.0, diagnostics=False):
     try:
-        mpi_weights, mpi_seen = mpi_run(name, algorithm, topology, momentum, noise)
+        mpi_weights, mpi_seen, mpi_measured = mpi_run(name, algorithm, topology, momentum, noise, diagnostics)
         if RANK == 0:
-            sim_weights, sim_seen = sim_run(algorithm, topology, momentum, noise)
+            sim_weights, sim_seen, sim_measured = sim_run(algorithm, topology, momentum, noise, diagnostics)
             results[name] = {
                 "rel_diff": float((sim_weights - mpi_weights).abs().max() / mpi_weights.abs().max()),
                 "learner_spread": float((mpi_weights - mpi_weights[0]).abs().max()),
-                "callbacks": compare_seen(mpi_seen, sim_seen)}
+                "callbacks": compare_seen(mpi_seen, sim_seen),
+                "diagnostics": compare_measured(mpi_measured, sim_measured) if diagnostics else None}
     except Exception:
         results[name] = {"error": traceback.format_exc()}
 
@@ -120,5 +156,9 @@ case("dpsgd_ring_noise", noise=0.01)
 for momentum, label in ((0.0, "sgd"), (0.9, "momentum")):
     case(f"ssgd_{label}", algorithm="ssgd", momentum=momentum)
 case("ssgd_noise", algorithm="ssgd", noise=0.01)
+case("diagnostics_dpsgd_ring_momentum_noise", momentum=0.9, noise=0.003, diagnostics=True)
+case("diagnostics_dpsgd_full", topology="full", diagnostics=True)
+case("diagnostics_dpsgd_random_peer", topology="random_peer", diagnostics=True)
+case("diagnostics_ssgd_noise", algorithm="ssgd", noise=0.01, diagnostics=True)
 
 report(results)
