@@ -7,6 +7,7 @@ Like Horovod, it returns an instance of a class made for the user's optimizer cl
 ``isinstance(opt, torch.optim.SGD)`` holds and the algorithm's ``super()`` reaches the user's update.
 """
 
+import functools
 import warnings
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
@@ -18,7 +19,7 @@ from horovod.torch.mpi_ops import Adasum, Average, global_process_set
 
 from horovod_dpsgd.algorithms.base import named_trainable
 from horovod_dpsgd.algorithms.dpsgd import DPSGD
-from horovod_dpsgd.algorithms.ssgd import SSGD
+from horovod_dpsgd.algorithms.ssgd import SSGD, HorovodAllreduce
 from horovod_dpsgd.callbacks import Callback
 from horovod_dpsgd.comm.averaging import NeighbourAverager
 from horovod_dpsgd.options import ALGORITHMS, Options
@@ -89,7 +90,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
             if options.callbacks:
                 raise ValueError("callbacks are not supported with op=Adasum; use op=Average")
             return hvd.DistributedOptimizer(optimizer, **horovod)
-        return _subclass(optimizer, SSGD)(optimizer.param_groups, horovod=horovod, **base)
+        return _subclass(optimizer, SSGD)(optimizer.param_groups,
+                                          gradients=functools.partial(HorovodAllreduce, horovod=horovod), **base)
 
     if op != Average:
         raise ValueError("op is the gradient reduction of algorithm='ssgd'; DPSGD averages weights with the "
@@ -102,8 +104,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                                        backward_passes_per_step=backward_passes_per_step, **base)
 
 
-def _subclass(optimizer: torch.optim.Optimizer, algorithm: type) -> type:
-    """``type(optimizer)`` with the algorithm mixin before it, under the user's class name (as Horovod)."""
+def _subclass(optimizer: torch.optim.Optimizer, *mixins: type) -> type:
+    """``type(optimizer)`` with the mixins before it, under the user's class name (as Horovod)."""
     cls = type(optimizer)
+    algorithm = mixins[-1]
     doc = f"{cls.__module__}.{cls.__qualname__} under {algorithm.__name__}: {algorithm.__doc__}"
-    return type(cls.__name__, (algorithm, cls), {"__doc__": doc})
+    return type(cls.__name__, (*mixins, cls), {"__doc__": doc})
