@@ -4,6 +4,8 @@
     horovod-dpsgd train --engine sim --np 4 --algorithm dpsgd --topology ring   # the same run, simulated
     horovod-dpsgd compare --np 4                # SSGD vs DPSGD vs SSGD*, as separate horovodrun jobs
     horovod-dpsgd compare --np 4 --engine sim   # ... each simulated in this process
+    horovod-dpsgd compare --recipe sec2.1       # the paper's Sec. 2.1 experiment (recipes.py)
+    horovod-dpsgd figure2 runs/sec2.1 runs/sec2.2   # its Fig. 2 and tables
     horovod-dpsgd topology ring:2 --size 6
 
 The options of ``train`` and ``compare`` are generated from :class:`~.config.TrainConfig`, the one schema of a
@@ -24,6 +26,7 @@ from horovod_dpsgd.experiments.cluster.cli import cluster
 from horovod_dpsgd.experiments.config import (CommaSeparated, ConfigError, TopologySpec, TrainConfig, click_options,
                                               output_names, parse_assignments, resolve, setting_names)
 from horovod_dpsgd.experiments.launch import horovodrun_command, horovodrun_env, started_by_launcher
+from horovod_dpsgd.experiments.recipes import RECIPES
 
 #: ``train`` has an option for every field of TrainConfig.
 TRAIN_KEYS = setting_names() + output_names()
@@ -100,25 +103,41 @@ class RunSpec(click.ParamType):
 
 @main.command()
 @_config_file_option
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
+              help="Start from one of the paper's experiments (horovod_dpsgd/experiments/recipes.py): its settings, "
+                   "--np, --run list and --seeds; options given here override them. "
+                   + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))
 @click_options(COMPARE_KEYS)
-@click.option("--np", "np_", type=click.IntRange(min=1), default=4, show_default=True, help="Learners per run.")
+@click.option("--np", "np_", type=click.IntRange(min=1), default=None, help="Learners per run [default: 4, or the recipe's].")
 @click.option("--run", "runs", type=RunSpec(), multiple=True, metavar="NAME:KEY=VAL,...",
               help="A configuration (repeatable): the options of compare (or --config) with these train settings "
-                   "changed, e.g. 'dpsgd:algorithm=dpsgd,topology=ring'. Default: " + " ".join(DEFAULT_RUNS))
-@click.option("--seeds", type=CommaSeparated(click.INT), default="0", show_default=True,
-              help="Comma-separated seeds; each run is repeated per seed.")
+                   "changed, e.g. 'dpsgd:algorithm=dpsgd,topology=ring'. Default: the recipe's, or "
+                   + " ".join(DEFAULT_RUNS))
+@click.option("--seeds", type=CommaSeparated(click.INT), default=None,
+              help="Comma-separated seeds; each run is repeated per seed [default: 0, or the recipe's].")
+@click.option("--keep-checkpoints", is_flag=True,
+              help="Save each run's final learners in RUN_DIR/checkpoint (for the landscape and hessian commands).")
 @click.option("--target-accuracy", type=click.FloatRange(0, 1), default=0.9, show_default=True,
               help="Report the first step whose test accuracy reaches this.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/compare", show_default=True,
               help="Directory for each run's config.json, metrics, TensorBoard logs and output, and the plots.")
 @click.option("--timeout", type=click.IntRange(min=1), default=1800, show_default=True, help="Seconds per run.")
 @click.pass_context
-def compare(ctx, config_file, np_, runs, seeds, target_accuracy, out, timeout, **values):
+def compare(ctx, config_file, recipe, np_, runs, seeds, keep_checkpoints, target_accuracy, out, timeout, **values):
     """Run several configurations as separate horovodrun jobs (or, with --engine sim, simulated in this process)
     and compare them."""
     from horovod_dpsgd.experiments import reports as cmp
-    base = _config(ctx, config_file, values)
-    specs: List[Tuple[str, dict]] = list(runs) or [RunSpec().convert(r, None, None) for r in DEFAULT_RUNS]
+    if recipe is not None:
+        if config_file:
+            raise click.UsageError("give --recipe or --config, not both (a recipe is a configuration)", ctx)
+        recipe = RECIPES[recipe]
+        base = resolve(TrainConfig().replace(**recipe.settings), values, ctx)
+    else:
+        base = _config(ctx, config_file, values)
+    default_runs = recipe.runs if recipe else DEFAULT_RUNS
+    np_ = np_ if np_ is not None else recipe.np if recipe else 4
+    seeds = seeds if seeds is not None else recipe.seeds if recipe else (0,)
+    specs: List[Tuple[str, dict]] = list(runs) or [RunSpec().convert(r, None, None) for r in default_runs]
     names = [name for name, _ in specs]
     if len(set(names)) < len(names):
         raise click.BadParameter(f"run names must differ (each names its directory in --out): {', '.join(names)}",
@@ -129,9 +148,11 @@ def compare(ctx, config_file, np_, runs, seeds, target_accuracy, out, timeout, *
     for name, changes in specs:
         for seed in seeds:
             run_dir = Path(out) / f"{name}-seed{seed}"
-            results.append(_compare_run(base, name, changes, seed, run_dir, np_, timeout, target_accuracy))
+            results.append(_compare_run(base, name, changes, seed, run_dir, np_, timeout, target_accuracy,
+                                        keep_checkpoints))
             click.echo("   " + cmp.one_line(results[-1]))
     click.echo("\n" + cmp.table(results, target_accuracy))
+    click.echo("\nTest error % of the averaged model w_a, per seed:\n" + cmp.seed_table(results))
     plots = cmp.plot(out, [r["name"] for r in results], [r["seed"] for r in results])
     if base.diag_every or any(changes.get("diag_every") for _, changes in specs):
         plots.append(cmp.plot_diagnostics(out, names, seeds[0]))
@@ -141,12 +162,15 @@ def compare(ctx, config_file, np_, runs, seeds, target_accuracy, out, timeout, *
 
 
 def _compare_run(base: TrainConfig, name: str, changes: dict, seed: int, run_dir: Path, np_: int, timeout: int,
-                 target_accuracy: float) -> dict:
+                 target_accuracy: float, keep_checkpoint: bool = False) -> dict:
     """One run of ``compare``: writes RUN_DIR/config.json and runs ``train --config`` on it, as a horovodrun job
-    (or, with ``engine=sim``, in this process); summarizes its metrics."""
+    (or, with ``engine=sim``, in this process); summarizes its metrics. ``keep_checkpoint``: the final learners
+    are saved in RUN_DIR/checkpoint."""
     from horovod_dpsgd.experiments import reports as cmp
     cfg = base.replace(**changes, seed=seed, np=np_, metrics_file=str(run_dir / "metrics.jsonl"),
                        log_dir=str(run_dir / "tb"), checkpoint_dir=None, quiet=True)
+    if keep_checkpoint:  # the last epoch is always saved; no checkpoint before it
+        cfg = cfg.replace(checkpoint_dir=str(run_dir / "checkpoint"), checkpoint_every=cfg.epochs)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(str(run_dir / "config.json"))
     if cfg.engine == "sim":
@@ -188,6 +212,28 @@ def _simulated_run(cfg: TrainConfig, name: str, seed: int, run_dir: Path) -> Non
         raise click.ClickException(f"run {name} seed {seed} failed: {exc}; its output is in "
                                    f"{run_dir / 'output.log'}") from None
     (run_dir / "output.log").write_text(output.getvalue())
+
+
+@main.command()
+@click.argument("sec21_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("sec22_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--seed", type=int, default=0, show_default=True, help="The seed whose runs are drawn.")
+@click.option("--out", type=click.Path(dir_okay=False), default="figure2.png", show_default=True, help="PNG to write.")
+@click.option("--target-accuracy", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+              help="For the tables' steps-to-accuracy column.")
+def figure2(sec21_dir, sec22_dir, seed, out, target_accuracy):
+    """The paper's Fig. 2 and the Sec. 2 tables from `compare --recipe sec2.1` and `--recipe sec2.2` outputs."""
+    from horovod_dpsgd.experiments import reports as cmp
+    names = []
+    for title, directory in (("Sec. 2.1", sec21_dir), ("Sec. 2.2", sec22_dir)):
+        results = cmp.collect(directory, target_accuracy)
+        if not results:
+            raise click.BadParameter(f"no finished run (NAME-seedS/metrics.jsonl with an end record) under "
+                                     f"{directory}: run horovod-dpsgd compare --out {directory} first")
+        names.append(list(dict.fromkeys(r["name"] for r in results)))
+        click.echo(f"\n{title} ({directory}):\n{cmp.table(results, target_accuracy)}\n\n"
+                   f"Test error % of the averaged model w_a, per seed:\n{cmp.seed_table(results)}")
+    click.echo(f"\nwrote {cmp.plot_figure2(sec21_dir, sec22_dir, out, names[0], names[1], seed)}")
 
 
 @main.command()

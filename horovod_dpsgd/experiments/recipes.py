@@ -1,4 +1,5 @@
-"""The paper's learning-rate recipes: linear scaling, warm-up and step decay.
+"""The paper's recipes: its learning-rate rules (linear scaling, warm-up and step decay) and its experiments as
+named ``compare`` configurations (:data:`RECIPES`, ``horovod-dpsgd compare --recipe NAME``).
 
 - Linear scaling (Goyal et al. 2017; paper Sec. 4.1): ``lr = base_lr * total_batch / base_batch``,
   e.g. 0.1 at batch 1024 gives 0.8 at batch 8192 (Table 3); it sets the peak learning rate.
@@ -8,9 +9,10 @@
   (CIFAR-10: 0.1 for epochs 0-159, 0.01 for 160-239, 0.001 after).
 """
 
-from typing import Callable, Sequence
+import dataclasses
+from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
 
-__all__ = ["scaled_lr", "lr_multiplier"]
+__all__ = ["scaled_lr", "lr_multiplier", "Recipe", "RECIPES", "get_recipe"]
 
 
 def scaled_lr(base_lr: float, total_batch: int, base_batch: int, linear_scaling: bool) -> float:
@@ -37,3 +39,50 @@ def lr_multiplier(steps_per_epoch: int, start_fraction: float = 1.0, warmup_epoc
         return decay_factor ** sum(step >= m for m in milestones)
 
     return multiplier
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """One of the paper's experiments as a ``compare`` configuration: ``np`` learners, the train ``settings``
+    shared by every run, the ``runs`` (``NAME:KEY=VALUE,...``, as ``compare --run`` takes them) and the seeds.
+
+    ``compare --recipe NAME`` starts from it; options given on the command line override it.
+    """
+
+    name: str
+    summary: str
+    np: int
+    settings: Mapping[str, Any]
+    runs: Tuple[str, ...]
+    seeds: Tuple[int, ...] = (0, 1, 2)
+
+    def reduced(self, name: str, summary: str, **settings) -> "Recipe":
+        """The same experiment with some settings changed (e.g. fewer steps for the demo)."""
+        return dataclasses.replace(self, name=name, summary=summary, settings={**self.settings, **settings})
+
+
+#: Settings of Sec. 2 common to 2.1 and 2.2: the 784-50-50-10 MLP on MNIST, plain SGD, nB = 2000, pixels in
+#: [0, 1.5] (docs/reproduction.md, "What the result is sensitive to", says why), simulated learners.
+_SEC2 = dict(task="mnist", model="mlp", engine="sim", momentum=0.0, weight_decay=0.0, pixel_max=1.5, epochs=100000,
+             log_every=10, eval_every=50, diag_every=25)
+
+SEC21 = Recipe(
+    "sec2.1", "Sec. 2.1: alpha = 1, n = 5, full averaging: SSGD fails, DPSGD converges, SSGD* converges worse",
+    np=5, settings=dict(_SEC2, batch_size=400, lr=1.0, max_steps=3000),
+    runs=("ssgd:algorithm=ssgd", "dpsgd:algorithm=dpsgd,topology=full", "ssgd*:algorithm=ssgd,noise_sigma=0.003"))
+
+SEC22 = Recipe(
+    "sec2.2", "Sec. 2.2: alpha = 0.2, n = 6, ring with 2 neighbours per side",
+    np=6, settings=dict(_SEC2, batch_size=333, lr=0.2, max_steps=3000),
+    runs=("ssgd:algorithm=ssgd", "dpsgd:algorithm=dpsgd,topology=ring:2", "ssgd*:algorithm=ssgd,noise_sigma=0.003"))
+
+#: Every recipe by name.
+RECIPES: Dict[str, Recipe] = {r.name: r for r in (SEC21, SEC22)}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called ``name``; a ``KeyError`` lists the names there are."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise KeyError(f"no recipe {name!r}; recipes: {', '.join(RECIPES)}") from None

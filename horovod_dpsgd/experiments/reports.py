@@ -8,7 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-__all__ = ["read_metrics", "summarize", "one_line", "table", "plot", "plot_diagnostics"]
+__all__ = ["read_metrics", "summarize", "one_line", "table", "seed_table", "collect", "plot", "plot_diagnostics",
+           "algorithm_color", "plot_figure2"]
 
 
 def read_metrics(path) -> List[dict]:
@@ -90,6 +91,34 @@ def table(results: Sequence[dict], target_accuracy: float) -> str:
     return "\n".join(lines)
 
 
+def seed_table(results: Sequence[dict]) -> str:
+    """A Markdown table of the test error (%) of each run in each seed ("diverged" where it did), and the mean."""
+    seeds = sorted({r["seed"] for r in results})
+    by_name: Dict[str, Dict[int, dict]] = defaultdict(dict)
+    for r in results:
+        by_name[r["name"]][r["seed"]] = r
+    lines = ["| run | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---" * (len(seeds) + 2) + "|"]
+    for name, runs in by_name.items():
+        cells = ["-" if s not in runs else "diverged" if runs[s]["diverged"] else f"{100 * runs[s]['test_error']:.1f}"
+                 for s in seeds]
+        ok = [100 * r["test_error"] for r in runs.values() if not r["diverged"]]
+        mean = f"{statistics.mean(ok):.1f}" if ok else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines)
+
+
+def collect(out_dir, target_accuracy: float = 0.9) -> List[dict]:
+    """:func:`summarize` of every run under ``out_dir`` (``NAME-seedS/metrics.jsonl``, as ``compare`` writes them),
+    sorted by name and seed; runs without an ``end`` record (unfinished) are left out."""
+    results = []
+    for path in sorted(Path(out_dir).glob("*-seed*/metrics.jsonl")):
+        name, _, seed = path.parent.name.rpartition("-seed")
+        records = read_metrics(path)
+        if seed.isdigit() and any(r["kind"] == "end" for r in records):
+            results.append(summarize(name, int(seed), records, target_accuracy))
+    return sorted(results, key=lambda r: (r["name"], r["seed"]))
+
+
 def plot(out_dir, names: Sequence[str], seeds: Sequence[int]) -> List[Path]:
     """PNG plots of training loss, test accuracy and alpha_e/alpha against step, one line per run."""
     import matplotlib
@@ -163,3 +192,55 @@ def plot_diagnostics(out_dir, names: Sequence[str], seed: int = 0) -> Path:
     fig.savefig(target, dpi=110)
     plt.close(fig)
     return target
+
+
+#: The paper's colours (Fig. 2): SSGD red, DPSGD green, SSGD* blue.
+_PAPER_COLORS = (("ssgd*", "tab:blue"), ("dpsgd", "tab:green"), ("ssgd", "tab:red"))
+
+
+def algorithm_color(name: str) -> str:
+    """The paper's colour of a run called ``name`` (by its prefix: ``ssgd*...``, ``dpsgd...``, ``ssgd...``)."""
+    return next((color for prefix, color in _PAPER_COLORS if name.startswith(prefix)), "tab:gray")
+
+
+def _fig2_column(axes, out_dir: Path, names: Sequence[str], seed: int, lower_key: str, lower_label: str) -> None:
+    for name in names:
+        path = out_dir / f"{name}-seed{seed}" / "metrics.jsonl"
+        if not path.exists():
+            continue
+        records = read_metrics(path)
+        color = algorithm_color(name)
+        steps = [r for r in records if r["kind"] == "step" and "loss" in r and math.isfinite(r["loss"])]
+        axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], color=color, lw=0.8, label=name)
+        diags = [r for r in records if r["kind"] == "diag" and math.isfinite(r.get(lower_key, math.nan))
+                 and (lower_key != "delta" or r[lower_key] > 0)]
+        axes[1].plot([r["step"] for r in diags], [r[lower_key] for r in diags], color=color, lw=0.8, label=name)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("training loss L")
+    axes[1].set_ylabel(lower_label)
+    axes[1].set_xlabel("step t (batches)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+
+
+def plot_figure2(sec21_dir, sec22_dir, out, names21: Sequence[str], names22: Sequence[str], seed: int = 0) -> Path:
+    """The paper's Fig. 2 from two ``compare`` outputs, one seed: (a) Sec. 2.1, training loss and
+    alpha_e / alpha (Eq. 3) against step; (b) Sec. 2.2, training loss and Delta (Eq. 3). SSGD red, DPSGD green,
+    SSGD* blue. The loss is the learners' mean minibatch loss of the step (the ``step`` records)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5), sharex="col")
+    _fig2_column(axes[:, 0], Path(sec21_dir), names21, seed, "alpha_e_over_alpha", "alpha_e / alpha")
+    _fig2_column(axes[:, 1], Path(sec22_dir), names22, seed, "delta", "noise strength Delta")
+    axes[1, 1].set_yscale("log")
+    axes[0, 0].set_title(f"(a) Sec. 2.1: alpha = 1 (seed {seed})", fontsize=10)
+    axes[0, 1].set_title(f"(b) Sec. 2.2: alpha = 0.2 (seed {seed})", fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
