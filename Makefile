@@ -6,15 +6,23 @@ HOROVODRUN := $(VENV)/bin/horovodrun
 # More MPI processes than cores: let Open MPI yield the CPU while it waits (see docs/install.md).
 export OMPI_MCA_mpi_yield_when_idle ?= 1
 
-.PHONY: setup demo example test bench clean
+.PHONY: setup demo reproduce example test bench clean
 
 setup:
 	VENV=$(abspath $(VENV)) bash scripts/setup.sh
 
-# The paper's Sec. 2.1 experiment on the bundled MNIST sample: SSGD vs DPSGD vs SSGD*, 3 seeds (docs/reproduction.md).
+# The paper's Sec. 2.1 and 2.2 experiments (reduced: the demo recipes of horovod_dpsgd/experiments/recipes.py),
+# simulated learners on the bundled MNIST sample, and its Fig. 2 (docs/reproduction.md).
 demo: setup
-	$(VENV)/bin/horovod-dpsgd compare --np $(NP) --seeds 0,1,2 --batch-size 500 --lr 1.0 --epochs 400 \
-		--log-every 10 --eval-every 20 --diag-every 20 --out runs/compare
+	$(VENV)/bin/horovod-dpsgd compare --recipe demo2.1 --out runs/demo/sec2.1
+	$(VENV)/bin/horovod-dpsgd compare --recipe demo2.2 --out runs/demo/sec2.2
+	$(VENV)/bin/horovod-dpsgd figure2 runs/demo/sec2.1 runs/demo/sec2.2 --out runs/demo/figure2.png
+
+# The full Sec. 2 study behind docs/reproduction.md and docs/img/figure2.png (about an hour on 2 cores).
+reproduce: setup
+	$(VENV)/bin/horovod-dpsgd compare --recipe sec2.1 --out runs/sec2.1
+	$(VENV)/bin/horovod-dpsgd compare --recipe sec2.2 --out runs/sec2.2 --keep-checkpoints
+	$(VENV)/bin/horovod-dpsgd figure2 runs/sec2.1 runs/sec2.2 --out docs/img/figure2.png
 
 # Horovod's MNIST example with the one-line change (DPSGD on a ring, 4 learners).
 example: setup

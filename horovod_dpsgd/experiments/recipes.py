@@ -10,7 +10,7 @@ named ``compare`` configurations (:data:`RECIPES`, ``horovod-dpsgd compare --rec
 """
 
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 __all__ = ["scaled_lr", "lr_multiplier", "Recipe", "RECIPES", "get_recipe"]
 
@@ -56,9 +56,10 @@ class Recipe:
     runs: Tuple[str, ...]
     seeds: Tuple[int, ...] = (0, 1, 2)
 
-    def reduced(self, name: str, summary: str, **settings) -> "Recipe":
-        """The same experiment with some settings changed (e.g. fewer steps for the demo)."""
-        return dataclasses.replace(self, name=name, summary=summary, settings={**self.settings, **settings})
+    def reduced(self, name: str, summary: str, seeds: Optional[Tuple[int, ...]] = None, **settings) -> "Recipe":
+        """The same experiment with some settings (or the seeds) changed, e.g. fewer steps for the demo."""
+        return dataclasses.replace(self, name=name, summary=summary, settings={**self.settings, **settings},
+                                   seeds=self.seeds if seeds is None else seeds)
 
 
 #: Settings of Sec. 2 common to 2.1 and 2.2: the 784-50-50-10 MLP on MNIST, plain SGD, nB = 2000, pixels in
@@ -76,8 +77,13 @@ SEC22 = Recipe(
     np=6, settings=dict(_SEC2, batch_size=333, lr=0.2, max_steps=3000),
     runs=("ssgd:algorithm=ssgd", "dpsgd:algorithm=dpsgd,topology=ring:2", "ssgd*:algorithm=ssgd,noise_sigma=0.003"))
 
+#: ``make demo``: the same experiments, shorter, to fit a few minutes on 2 cores (docs/reproduction.md compares
+#: them with the full ones).
+DEMO21 = SEC21.reduced("demo2.1", "make demo's Sec. 2.1: sec2.1 with 1500 steps", max_steps=1500)
+DEMO22 = SEC22.reduced("demo2.2", "make demo's Sec. 2.2: sec2.2 with one seed", seeds=(0,))
+
 #: Every recipe by name.
-RECIPES: Dict[str, Recipe] = {r.name: r for r in (SEC21, SEC22)}
+RECIPES: Dict[str, Recipe] = {r.name: r for r in (SEC21, SEC22, DEMO21, DEMO22)}
 
 
 def get_recipe(name: str) -> Recipe:

@@ -21,7 +21,15 @@ def test_every_recipe_is_a_valid_configuration_with_valid_runs(recipe):
     for spec in recipe.runs:
         name, _, assignments = spec.partition(":")
         base.replace(**parse_assignments(assignments, COMPARE_KEYS))
-    assert recipe.np >= 2 and len(recipe.seeds) >= 3
+    assert recipe.np >= 2 and recipe.seeds
+
+
+def test_the_full_recipes_have_three_seeds_and_the_demo_ones_are_reductions_of_them():
+    assert len(recipes.SEC21.seeds) >= 3 and len(recipes.SEC22.seeds) >= 3
+    for demo, full in ((recipes.DEMO21, recipes.SEC21), (recipes.DEMO22, recipes.SEC22)):
+        assert (demo.np, demo.runs) == (full.np, full.runs)
+        changed = {k for k in full.settings if demo.settings[k] != full.settings[k]}
+        assert changed <= {"max_steps"} and demo.settings["max_steps"] <= full.settings["max_steps"]
 
 
 def test_sec2_recipes_have_the_papers_settings():
@@ -38,7 +46,7 @@ def test_sec2_recipes_have_the_papers_settings():
 
 def test_get_recipe_names_the_recipes_there_are():
     assert recipes.get_recipe("sec2.1") is recipes.SEC21
-    with pytest.raises(KeyError, match="sec2.1, sec2.2"):
+    with pytest.raises(KeyError, match="sec2.1, sec2.2, demo2.1, demo2.2"):
         recipes.get_recipe("sec3")
 
 
@@ -48,6 +56,7 @@ def test_a_reduced_recipe_changes_only_what_it_says():
     assert {k: v for k, v in small.settings.items() if k != "max_steps"} == \
         {k: v for k, v in recipes.SEC21.settings.items() if k != "max_steps"}
     assert (small.np, small.runs, small.seeds) == (recipes.SEC21.np, recipes.SEC21.runs, recipes.SEC21.seeds)
+    assert recipes.SEC21.reduced("one", "a test", seeds=(0,)).seeds == (0,)
 
 
 @pytest.fixture
