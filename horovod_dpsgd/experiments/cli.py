@@ -221,7 +221,9 @@ def _simulated_run(cfg: TrainConfig, name: str, seed: int, run_dir: Path) -> Non
 @click.option("--out", type=click.Path(dir_okay=False), default="figure2.png", show_default=True, help="PNG to write.")
 @click.option("--target-accuracy", type=click.FloatRange(0, 1), default=0.9, show_default=True,
               help="For the tables' steps-to-accuracy column.")
-def figure2(sec21_dir, sec22_dir, seed, out, target_accuracy):
+@click.option("--at-steps", type=CommaSeparated(click.IntRange(min=1)), default="500,1000,2000,3000", show_default=True,
+              help="Also print each run's test error at these steps.")
+def figure2(sec21_dir, sec22_dir, seed, out, target_accuracy, at_steps):
     """The paper's Fig. 2 and the Sec. 2 tables from `compare --recipe sec2.1` and `--recipe sec2.2` outputs."""
     from horovod_dpsgd.experiments import reports as cmp
     names = []
@@ -232,7 +234,8 @@ def figure2(sec21_dir, sec22_dir, seed, out, target_accuracy):
                                      f"{directory}: run horovod-dpsgd compare --out {directory} first")
         names.append(list(dict.fromkeys(r["name"] for r in results)))
         click.echo(f"\n{title} ({directory}):\n{cmp.table(results, target_accuracy)}\n\n"
-                   f"Test error % of the averaged model w_a, per seed:\n{cmp.seed_table(results)}")
+                   f"Test error % of the averaged model w_a, per seed:\n{cmp.seed_table(results)}\n\n"
+                   f"Test error % by training length:\n{cmp.steps_table(directory, at_steps)}")
     click.echo(f"\nwrote {cmp.plot_figure2(sec21_dir, sec22_dir, out, names[0], names[1], seed)}")
 
 

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-__all__ = ["read_metrics", "summarize", "one_line", "table", "seed_table", "collect", "plot", "plot_diagnostics",
+__all__ = ["read_metrics", "summarize", "one_line", "table", "seed_table", "steps_table", "collect", "plot", "plot_diagnostics",
            "algorithm_color", "plot_figure2"]
 
 
@@ -104,6 +104,21 @@ def seed_table(results: Sequence[dict]) -> str:
         ok = [100 * r["test_error"] for r in runs.values() if not r["diverged"]]
         mean = f"{statistics.mean(ok):.1f}" if ok else "-"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} |")
+    return "\n".join(lines)
+
+
+def steps_table(out_dir, steps: Sequence[int]) -> str:
+    """A Markdown table of each run's test error (%) at the evaluations of ``steps`` (the last evaluation at or
+    before each step), one row per run and seed under ``out_dir``: how the result depends on the training length."""
+    lines = ["| run | seed | " + " | ".join(f"step {t}" for t in steps) + " |", "|---" * (len(steps) + 2) + "|"]
+    for path in sorted(Path(out_dir).glob("*-seed*/metrics.jsonl")):
+        name, _, seed = path.parent.name.rpartition("-seed")
+        epochs = [r for r in read_metrics(path) if r["kind"] == "epoch"]
+        cells = []
+        for t in steps:
+            before = [r for r in epochs if r["step"] <= t]
+            cells.append(f"{100 * (1 - before[-1]['accuracy']):.1f}" if before and epochs[-1]["step"] >= t else "-")
+        lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

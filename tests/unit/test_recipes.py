@@ -39,6 +39,7 @@ def test_sec2_recipes_have_the_papers_settings():
         cfg = TrainConfig().replace(**recipe.settings)
         assert (cfg.task, cfg.model, cfg.momentum, cfg.weight_decay, cfg.lr) == ("mnist", "mlp", 0.0, 0.0, lr)
         assert recipe.np == n and abs(cfg.batch_size * n - 2000) < n and not cfg.linear_scaling
+        assert 3990 <= cfg.probe_batches * cfg.batch_size <= 4000  # g of Eq. 3 on the whole training sample
         runs = dict(spec.split(":", 1) for spec in recipe.runs)
         assert set(runs) == {"ssgd", "dpsgd", "ssgd*"}
         assert f"topology={topology}" in runs["dpsgd"] and "noise_sigma=" in runs["ssgd*"]
@@ -155,9 +156,21 @@ def test_figure2_draws_both_sections_and_prints_their_tables(tmp_path):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "fig" / "f.png").stat().st_size > 10_000
     assert r.output.count("| seed 0 | mean |") == 2 and "Sec. 2.1" in r.output and "Sec. 2.2" in r.output
+    assert r.output.count("| run | seed | step 500 | step 1000 | step 2000 | step 3000 |") == 2
 
 
 def test_figure2_on_a_directory_without_finished_runs_says_what_to_run(tmp_path):
     (tmp_path / "a").mkdir()
     r = invoke("figure2", str(tmp_path / "a"), str(tmp_path / "a"))
     assert r.exit_code == 2 and "no finished run" in r.output and "horovod-dpsgd compare" in r.output
+
+
+def test_the_steps_table_gives_the_test_error_of_the_last_evaluation_at_each_step(tmp_path):
+    d = tmp_path / "dpsgd-seed0"
+    d.mkdir()
+    records = [{"kind": "epoch", "step": 100, "accuracy": 0.5}, {"kind": "epoch", "step": 200, "accuracy": 0.9},
+               {"kind": "end", "step": 200, "steps": 200, "diverged": False}]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    text = reports.steps_table(tmp_path, [50, 100, 150, 200, 300])
+    assert text.splitlines()[0] == "| run | seed | step 50 | step 100 | step 150 | step 200 | step 300 |"
+    assert "| dpsgd | 0 | - | 50.0 | 50.0 | 10.0 | - |" in text
