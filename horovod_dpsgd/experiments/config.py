@@ -232,10 +232,13 @@ def _type_ok(value: Any, base: type, item: Optional[type]) -> bool:
 
 def parse_value(name: str, value: Any) -> Any:
     """``value`` (a string as typed on a command line, or a JSON/Python value) as field ``name``'s type, checked
-    against its range or choices; raises :class:`ConfigError` naming the field and the problem."""
+    against its range or choices (``"none"`` unsets a setting whose default is None); raises
+    :class:`ConfigError` naming the field and the problem."""
     if name not in _FIELDS:
         _check_keys({name: value}, tuple(_FIELDS))
     field = _FIELDS[name]
+    if isinstance(value, str) and value.strip().lower() == "none" and field.default is None:
+        value = None  # an optional setting unset as text, e.g. compare --run 'std:pixel_max=none'
     if value is None:
         if field.default is None:
             return None

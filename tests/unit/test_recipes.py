@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from horovod_dpsgd.experiments import cli, recipes, reports
 from horovod_dpsgd.experiments.cli import COMPARE_KEYS, main
-from horovod_dpsgd.experiments.config import TrainConfig, parse_assignments
+from horovod_dpsgd.experiments.config import ConfigError, TrainConfig, parse_assignments
 
 
 def invoke(*args):
@@ -174,3 +174,9 @@ def test_the_steps_table_gives_the_test_error_of_the_last_evaluation_at_each_ste
     text = reports.steps_table(tmp_path, [50, 100, 150, 200, 300])
     assert text.splitlines()[0] == "| run | seed | step 50 | step 100 | step 150 | step 200 | step 300 |"
     assert "| dpsgd | 0 | - | 50.0 | 50.0 | 10.0 | - |" in text
+
+
+def test_an_optional_setting_is_unset_with_none_so_a_recipe_can_be_varied_back_to_the_default():
+    assert parse_assignments("pixel_max=none,max_steps=None", COMPARE_KEYS) == {"pixel_max": None, "max_steps": None}
+    with pytest.raises(ConfigError, match="lr: .none. is not a valid float"):  # lr has no None
+        parse_assignments("lr=none", COMPARE_KEYS)
