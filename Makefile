@@ -22,7 +22,8 @@ demo: setup
 reproduce: setup
 	$(VENV)/bin/horovod-dpsgd compare --recipe sec2.1 --out runs/sec2.1
 	$(VENV)/bin/horovod-dpsgd compare --recipe sec2.2 --out runs/sec2.2 --keep-checkpoints
-	$(VENV)/bin/horovod-dpsgd figure2 runs/sec2.1 runs/sec2.2 --out docs/img/figure2.png
+	$(VENV)/bin/horovod-dpsgd figure2 runs/sec2.1 runs/sec2.2 --out docs/img/figure2.png \
+		--diagnostics-out docs/img/diagnostics.png
 
 # Horovod's MNIST example with the one-line change (DPSGD on a ring, 4 learners).
 example: setup

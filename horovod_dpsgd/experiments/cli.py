@@ -223,7 +223,10 @@ def _simulated_run(cfg: TrainConfig, name: str, seed: int, run_dir: Path) -> Non
               help="For the tables' steps-to-accuracy column.")
 @click.option("--at-steps", type=CommaSeparated(click.IntRange(min=1)), default="500,1000,2000,3000", show_default=True,
               help="Also print each run's test error at these steps.")
-def figure2(sec21_dir, sec22_dir, seed, out, target_accuracy, at_steps):
+@click.option("--diagnostics-out", type=click.Path(dir_okay=False), default=None,
+              help="Also draw all noise diagnostics (alpha_e/alpha, Delta, Delta^(2), consensus distance) of the "
+                   "Sec. 2.1 runs of --seed here.")
+def figure2(sec21_dir, sec22_dir, seed, out, target_accuracy, at_steps, diagnostics_out):
     """The paper's Fig. 2 and the Sec. 2 tables from `compare --recipe sec2.1` and `--recipe sec2.2` outputs."""
     from horovod_dpsgd.experiments import reports as cmp
     names = []
@@ -237,6 +240,8 @@ def figure2(sec21_dir, sec22_dir, seed, out, target_accuracy, at_steps):
                    f"Test error % of the averaged model w_a, per seed:\n{cmp.seed_table(results)}\n\n"
                    f"Test error % by training length:\n{cmp.steps_table(directory, at_steps)}")
     click.echo(f"\nwrote {cmp.plot_figure2(sec21_dir, sec22_dir, out, names[0], names[1], seed)}")
+    if diagnostics_out:
+        click.echo(f"wrote {cmp.plot_diagnostics(sec21_dir, names[0], seed, target=diagnostics_out)}")
 
 
 @main.command()

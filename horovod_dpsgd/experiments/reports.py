@@ -174,9 +174,10 @@ def plot(out_dir, names: Sequence[str], seeds: Sequence[int]) -> List[Path]:
     return written
 
 
-def plot_diagnostics(out_dir, names: Sequence[str], seed: int = 0) -> Path:
+def plot_diagnostics(out_dir, names: Sequence[str], seed: int = 0, target=None) -> Path:
     """One figure of the noise diagnostics of ``seed``'s run of each configuration:
-    alpha_e / alpha, Delta, Delta^(2) and the consensus distance against step."""
+    alpha_e / alpha, Delta, Delta^(2) and the consensus distance against step. Written to ``target``
+    (default ``out_dir/diagnostics.png``); each run in the paper's colour (:func:`algorithm_color`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -186,7 +187,10 @@ def plot_diagnostics(out_dir, names: Sequence[str], seed: int = 0) -> Path:
               ("delta2", "Delta^(2): DPSGD's extra noise (Eq. 4)", True),
               ("consensus_distance", "consensus distance n^-1 sum |w_j - w_a|^2", True)]
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
-    for i, name in enumerate(dict.fromkeys(names)):
+    names = list(dict.fromkeys(names))
+    # the paper's colours if they tell the runs apart (one run per algorithm), else matplotlib's cycle
+    paper = set(names) if len({algorithm_color(n) for n in names}) == len(names) else set()
+    for i, name in enumerate(names):
         path = out_dir / f"{name}-seed{seed}" / "metrics.jsonl"
         if not path.exists():
             continue
@@ -194,7 +198,7 @@ def plot_diagnostics(out_dir, names: Sequence[str], seed: int = 0) -> Path:
         for ax, (key, title, log) in zip(axes.flat, panels):
             points = [(r["step"], r[key]) for r in recs if key in r and (not log or r[key] > 0)]
             if points:
-                ax.plot(*zip(*points), color=f"C{i}", lw=1, label=name)
+                ax.plot(*zip(*points), color=algorithm_color(name) if name in paper else f"C{i}", lw=1, label=name)
             ax.set_title(title, fontsize=10)
             if log:
                 ax.set_yscale("log")
@@ -203,7 +207,7 @@ def plot_diagnostics(out_dir, names: Sequence[str], seed: int = 0) -> Path:
         ax.set_xlabel("step")
     axes.flat[0].legend()
     fig.tight_layout()
-    target = out_dir / "diagnostics.png"
+    target = Path(target) if target is not None else out_dir / "diagnostics.png"
     fig.savefig(target, dpi=110)
     plt.close(fig)
     return target

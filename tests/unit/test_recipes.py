@@ -152,9 +152,10 @@ def test_figure2_draws_both_sections_and_prints_their_tables(tmp_path):
         for name, final in (("ssgd", 1.5), ("dpsgd", 0.01), ("ssgd*", 0.3)):
             _write_run(tmp_path / section, name, 0, [2.0, 1.0, final],
                        diag=[{"alpha_e_over_alpha": 0.5, "delta": 0.1}, {"alpha_e_over_alpha": 0.9, "delta": 0.0}])
-    r = invoke("figure2", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "fig" / "f.png"))
+    r = invoke("figure2", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "fig" / "f.png"),
+               "--diagnostics-out", str(tmp_path / "fig" / "d.png"))
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "fig" / "f.png").stat().st_size > 10_000
+    assert (tmp_path / "fig" / "f.png").stat().st_size > 10_000 and (tmp_path / "fig" / "d.png").stat().st_size > 10_000
     assert r.output.count("| seed 0 | mean |") == 2 and "Sec. 2.1" in r.output and "Sec. 2.2" in r.output
     assert r.output.count("| run | seed | step 500 | step 1000 | step 2000 | step 3000 |") == 2
 
