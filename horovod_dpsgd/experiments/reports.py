@@ -41,8 +41,9 @@ def summarize(name: str, seed: int, records: Sequence[dict], target_accuracy: fl
     epochs = [r for r in records if r["kind"] == "epoch"]
     end = next((r for r in records if r["kind"] == "end"), {})
     diags = [r for r in records if r["kind"] == "diag" and "alpha_e_over_alpha" in r]
-    quarter = max(1, len(diags) // 4)  # early training: the first quarter of the diagnostic steps
+    quarter = max(1, len(diags) // 4)  # early / late training: the first / last quarter of the diagnostic steps
     early = [r["alpha_e_over_alpha"] for r in diags[:quarter] if math.isfinite(r["alpha_e_over_alpha"])]
+    late = [r["alpha_e_over_alpha"] for r in diags[-quarter:] if math.isfinite(r["alpha_e_over_alpha"])]
     return {
         "name": name, "seed": seed,
         "steps": end.get("steps", steps[-1]["step"] if steps else 0),
@@ -52,6 +53,7 @@ def summarize(name: str, seed: int, records: Sequence[dict], target_accuracy: fl
         "best_test_error": 1.0 - max(r["accuracy"] for r in epochs) if epochs else math.nan,
         "steps_to_target": next((r["step"] for r in epochs if r["accuracy"] >= target_accuracy), None),
         "early_alpha_e_over_alpha": statistics.median(early) if early else None,
+        "late_alpha_e_over_alpha": statistics.median(late) if late else None,
     }
 
 
@@ -77,8 +79,8 @@ def table(results: Sequence[dict], target_accuracy: float) -> str:
     for r in results:
         by_name[r["name"]].append(r)
     lines = [f"| run | seeds | diverged | final train loss | test error % | best test error % | "
-             f"steps to {100 * target_accuracy:g}% acc. | alpha_e/alpha, first quarter (median) |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"steps to {100 * target_accuracy:g}% acc. | alpha_e/alpha, first quarter (median) | last quarter |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, rs in by_name.items():
         ok = [r for r in rs if not r["diverged"]]
         reached = [r["steps_to_target"] for r in ok if r["steps_to_target"] is not None]
@@ -87,7 +89,8 @@ def table(results: Sequence[dict], target_accuracy: float) -> str:
             f"{_mean([r['final_train_loss'] for r in ok])} | {_mean([100 * r['test_error'] for r in ok])} | "
             f"{_mean([100 * r['best_test_error'] for r in ok])} | "
             f"{_mean(reached) if reached else 'never'}{f' ({len(reached)}/{len(rs)})' if 0 < len(reached) < len(rs) else ''} | "
-            f"{_mean([r['early_alpha_e_over_alpha'] for r in ok])} |")
+            f"{_mean([r['early_alpha_e_over_alpha'] for r in ok])} | "
+            f"{_mean([r.get('late_alpha_e_over_alpha') for r in ok])} |")
     return "\n".join(lines)
 
 

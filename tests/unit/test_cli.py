@@ -181,7 +181,7 @@ def test_summaries_and_table(tmp_path):
     bad = write("ssgd", [{"kind": "step", "step": 1, "loss": float("nan")},
                          {"kind": "end", "step": 1, "steps": 1, "diverged": True}])
     assert good["steps_to_target"] == 2 and good["test_error"] == pytest.approx(0.05)
-    assert good["early_alpha_e_over_alpha"] == pytest.approx(0.4)
+    assert good["early_alpha_e_over_alpha"] == pytest.approx(0.4) == good["late_alpha_e_over_alpha"]
     assert bad["diverged"] and math.isnan(bad["test_error"])
     text = compare.table([good, bad], 0.9)
     assert "| dpsgd | 1 | no |" in text and "| ssgd | 1 | yes |" in text

@@ -181,3 +181,12 @@ def test_an_optional_setting_is_unset_with_none_so_a_recipe_can_be_varied_back_t
     assert parse_assignments("pixel_max=none,max_steps=None", COMPARE_KEYS) == {"pixel_max": None, "max_steps": None}
     with pytest.raises(ConfigError, match="lr: .none. is not a valid float"):  # lr has no None
         parse_assignments("lr=none", COMPARE_KEYS)
+
+
+def test_summaries_give_the_median_alpha_e_of_the_first_and_the_last_quarter(tmp_path):
+    _write_run(tmp_path, "dpsgd", 0, [1.0], diag=[{"alpha_e_over_alpha": a} for a in (0.1, 0.3, 0.5, 0.6, 0.9, 1.1,
+                                                                                       0.95, 1.0)])
+    (result,) = reports.collect(tmp_path)
+    assert result["early_alpha_e_over_alpha"] == pytest.approx(0.2)
+    assert result["late_alpha_e_over_alpha"] == pytest.approx(0.975)
+    assert "| 0.2 | 0.975 |" in reports.table([result], 0.9)
