@@ -223,14 +223,16 @@ def _simulated_run(cfg: TrainConfig, name: str, seed: int, run_dir: Path) -> Non
               help="For the tables' steps-to-accuracy column.")
 @click.option("--at-steps", type=CommaSeparated(click.IntRange(min=1)), default="500,1000,2000,3000", show_default=True,
               help="Also print each run's test error at these steps.")
+@click.option("--windows", type=CommaSeparated(click.IntRange(min=0)), default="0,100,300,1000,3000", show_default=True,
+              help="Also print the median alpha_e/alpha (Sec. 2.1) and Delta (Sec. 2.2) between these steps.")
 @click.option("--diagnostics-out", type=click.Path(dir_okay=False), default=None,
               help="Also draw all noise diagnostics (alpha_e/alpha, Delta, Delta^(2), consensus distance) of the "
                    "Sec. 2.1 runs of --seed here.")
-def figure2(sec21_dir, sec22_dir, seed, out, target_accuracy, at_steps, diagnostics_out):
+def figure2(sec21_dir, sec22_dir, seed, out, target_accuracy, at_steps, windows, diagnostics_out):
     """The paper's Fig. 2 and the Sec. 2 tables from `compare --recipe sec2.1` and `--recipe sec2.2` outputs."""
     from horovod_dpsgd.experiments import reports as cmp
     names = []
-    for title, directory in (("Sec. 2.1", sec21_dir), ("Sec. 2.2", sec22_dir)):
+    for title, directory, key in (("Sec. 2.1", sec21_dir, "alpha_e_over_alpha"), ("Sec. 2.2", sec22_dir, "delta")):
         results = cmp.collect(directory, target_accuracy)
         if not results:
             raise click.BadParameter(f"no finished run (NAME-seedS/metrics.jsonl with an end record) under "
@@ -238,7 +240,8 @@ def figure2(sec21_dir, sec22_dir, seed, out, target_accuracy, at_steps, diagnost
         names.append(list(dict.fromkeys(r["name"] for r in results)))
         click.echo(f"\n{title} ({directory}):\n{cmp.table(results, target_accuracy)}\n\n"
                    f"Test error % of the averaged model w_a, per seed:\n{cmp.seed_table(results)}\n\n"
-                   f"Test error % by training length:\n{cmp.steps_table(directory, at_steps)}")
+                   f"Test error % by training length:\n{cmp.steps_table(directory, at_steps)}\n\n"
+                   f"Median {key} by steps:\n{cmp.windows_table(directory, key, windows)}")
     click.echo(f"\nwrote {cmp.plot_figure2(sec21_dir, sec22_dir, out, names[0], names[1], seed)}")
     if diagnostics_out:
         click.echo(f"wrote {cmp.plot_diagnostics(sec21_dir, names[0], seed, target=diagnostics_out)}")

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-__all__ = ["read_metrics", "summarize", "one_line", "table", "seed_table", "steps_table", "collect", "plot", "plot_diagnostics",
+__all__ = ["read_metrics", "summarize", "one_line", "table", "seed_table", "steps_table", "windows_table", "collect", "plot", "plot_diagnostics",
            "algorithm_color", "plot_figure2"]
 
 
@@ -121,6 +121,23 @@ def steps_table(out_dir, steps: Sequence[int]) -> str:
         for t in steps:
             before = [r for r in epochs if r["step"] <= t]
             cells.append(f"{100 * (1 - before[-1]['accuracy']):.1f}" if before and epochs[-1]["step"] >= t else "-")
+        lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def windows_table(out_dir, key: str, edges: Sequence[int]) -> str:
+    """A Markdown table of the median of diagnostic ``key`` (e.g. ``alpha_e_over_alpha``, ``delta``) over the step
+    windows ``(edges[i], edges[i + 1]]``, one row per run and seed under ``out_dir``."""
+    windows = list(zip(edges[:-1], edges[1:]))
+    lines = ["| run | seed | " + " | ".join(f"steps {lo}-{hi}" for lo, hi in windows) + " |",
+             "|---" * (len(windows) + 2) + "|"]
+    for path in sorted(Path(out_dir).glob("*-seed*/metrics.jsonl")):
+        name, _, seed = path.parent.name.rpartition("-seed")
+        diags = [r for r in read_metrics(path) if r["kind"] == "diag" and math.isfinite(r.get(key, math.nan))]
+        cells = []
+        for lo, hi in windows:
+            values = [r[key] for r in diags if lo < r["step"] <= hi]
+            cells.append(f"{statistics.median(values):.3g}" if values else "-")
         lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

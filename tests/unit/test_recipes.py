@@ -158,6 +158,7 @@ def test_figure2_draws_both_sections_and_prints_their_tables(tmp_path):
     assert (tmp_path / "fig" / "f.png").stat().st_size > 10_000 and (tmp_path / "fig" / "d.png").stat().st_size > 10_000
     assert r.output.count("| seed 0 | mean |") == 2 and "Sec. 2.1" in r.output and "Sec. 2.2" in r.output
     assert r.output.count("| run | seed | step 500 | step 1000 | step 2000 | step 3000 |") == 2
+    assert "Median alpha_e_over_alpha by steps" in r.output and "Median delta by steps" in r.output
 
 
 def test_figure2_on_a_directory_without_finished_runs_says_what_to_run(tmp_path):
@@ -190,3 +191,10 @@ def test_summaries_give_the_median_alpha_e_of_the_first_and_the_last_quarter(tmp
     assert result["early_alpha_e_over_alpha"] == pytest.approx(0.2)
     assert result["late_alpha_e_over_alpha"] == pytest.approx(0.975)
     assert "| 0.2 | 0.975 |" in reports.table([result], 0.9)
+
+
+def test_the_windows_table_gives_the_median_of_a_diagnostic_between_steps(tmp_path):
+    _write_run(tmp_path, "dpsgd", 0, [1.0], diag=[{"alpha_e_over_alpha": a} for a in (0.1, 0.3, 0.5, 2.0, math.nan)])
+    text = reports.windows_table(tmp_path, "alpha_e_over_alpha", [0, 2, 4, 10, 20])
+    assert text.splitlines()[0] == "| run | seed | steps 0-2 | steps 2-4 | steps 4-10 | steps 10-20 |"
+    assert "| dpsgd | 0 | 0.2 | 1.25 | - | - |" in text  # steps 1-2, 3-4; step 5 is NaN
