@@ -225,10 +225,12 @@ def _simulated_run(cfg: TrainConfig, name: str, seed: int, run_dir: Path) -> Non
               help="Also print each run's test error at these steps.")
 @click.option("--windows", type=CommaSeparated(click.IntRange(min=0)), default="0,100,300,1000,3000", show_default=True,
               help="Also print the median alpha_e/alpha (Sec. 2.1) and Delta (Sec. 2.2) between these steps.")
+@click.option("--draw", type=CommaSeparated(click.STRING), default=None,
+              help="Comma-separated run names to draw (default: every run; the tables always list every run).")
 @click.option("--diagnostics-out", type=click.Path(dir_okay=False), default=None,
               help="Also draw all noise diagnostics (alpha_e/alpha, Delta, Delta^(2), consensus distance) of the "
                    "Sec. 2.1 runs of --seed here.")
-def figure2(sec21_dir, sec22_dir, seed, out, target_accuracy, at_steps, windows, diagnostics_out):
+def figure2(sec21_dir, sec22_dir, seed, out, target_accuracy, at_steps, windows, draw, diagnostics_out):
     """The paper's Fig. 2 and the Sec. 2 tables from `compare --recipe sec2.1` and `--recipe sec2.2` outputs."""
     from horovod_dpsgd.experiments import reports as cmp
     names = []
@@ -237,7 +239,7 @@ def figure2(sec21_dir, sec22_dir, seed, out, target_accuracy, at_steps, windows,
         if not results:
             raise click.BadParameter(f"no finished run (NAME-seedS/metrics.jsonl with an end record) under "
                                      f"{directory}: run horovod-dpsgd compare --out {directory} first")
-        names.append(list(dict.fromkeys(r["name"] for r in results)))
+        names.append([name for name in dict.fromkeys(r["name"] for r in results) if not draw or name in draw])
         click.echo(f"\n{title} ({directory}):\n{cmp.table(results, target_accuracy)}\n\n"
                    f"Test error % of the averaged model w_a, per seed:\n{cmp.seed_table(results)}\n\n"
                    f"Test error % by training length:\n{cmp.steps_table(directory, at_steps)}\n\n"

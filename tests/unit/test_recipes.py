@@ -198,3 +198,14 @@ def test_the_windows_table_gives_the_median_of_a_diagnostic_between_steps(tmp_pa
     text = reports.windows_table(tmp_path, "alpha_e_over_alpha", [0, 2, 4, 10, 20])
     assert text.splitlines()[0] == "| run | seed | steps 0-2 | steps 2-4 | steps 4-10 | steps 10-20 |"
     assert "| dpsgd | 0 | 0.2 | 1.25 | - | - |" in text  # steps 1-2, 3-4; step 5 is NaN
+
+
+def test_figure2_draws_only_the_runs_named_in_draw(tmp_path, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(reports, "plot_figure2", lambda a, b, out, n21, n22, seed: drawn.append((n21, n22)) or out)
+    for name in ("ssgd", "dpsgd", "ssgd*0.01", "ssgd*0.003"):
+        _write_run(tmp_path / "a", name, 0, [1.0])
+    _write_run(tmp_path / "b", "ssgd*", 0, [1.0])
+    r = invoke("figure2", str(tmp_path / "a"), str(tmp_path / "b"), "--draw", "ssgd,ssgd*0.003,ssgd*")
+    assert r.exit_code == 0, r.output
+    assert drawn == [(["ssgd", "ssgd*0.003"], ["ssgd*"])] and "| ssgd*0.01 |" in r.output
