@@ -81,7 +81,7 @@ SEC22 = Recipe(
 
 #: ``make demo``: the same experiments, shorter, to fit a few minutes on 2 cores (docs/reproduction.md compares
 #: them with the full ones).
-DEMO21 = SEC21.reduced("demo2.1", "make demo's Sec. 2.1: sec2.1 with 1500 steps", max_steps=1500)
+DEMO21 = SEC21.reduced("demo2.1", "make demo's Sec. 2.1: sec2.1 with 1000 steps", max_steps=1000)
 DEMO22 = SEC22.reduced("demo2.2", "make demo's Sec. 2.2: sec2.2 with one seed", seeds=(0,))
 
 #: Every recipe by name.
