@@ -72,7 +72,7 @@ _SEC2 = dict(task="mnist", model="mlp", engine="sim", momentum=0.0, weight_decay
 SEC21 = Recipe(
     "sec2.1", "Sec. 2.1: alpha = 1, n = 5, full averaging: SSGD fails, DPSGD converges, SSGD* converges worse",
     np=5, settings=dict(_SEC2, batch_size=400, probe_batches=10, lr=1.0, max_steps=3000),
-    runs=("ssgd:algorithm=ssgd", "dpsgd:algorithm=dpsgd,topology=full", "ssgd*:algorithm=ssgd,noise_sigma=0.003"))
+    runs=("ssgd:algorithm=ssgd", "dpsgd:algorithm=dpsgd,topology=full", "ssgd*:algorithm=ssgd,noise_sigma=0.01"))
 
 SEC22 = Recipe(
     "sec2.2", "Sec. 2.2: alpha = 0.2, n = 6, ring with 2 neighbours per side",
