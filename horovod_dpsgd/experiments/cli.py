@@ -116,7 +116,7 @@ class RunSpec(click.ParamType):
 @click.option("--seeds", type=CommaSeparated(click.INT), default=None,
               help="Comma-separated seeds; each run is repeated per seed [default: 0, or the recipe's].")
 @click.option("--keep-checkpoints", is_flag=True,
-              help="Save each run's final learners in RUN_DIR/checkpoint (for the landscape and hessian commands).")
+              help="Save each run's final learners in RUN_DIR/checkpoint/last (for the landscape and hessian commands).")
 @click.option("--target-accuracy", type=click.FloatRange(0, 1), default=0.9, show_default=True,
               help="Report the first step whose test accuracy reaches this.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/compare", show_default=True,
