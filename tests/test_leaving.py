@@ -90,8 +90,9 @@ def _safe_parent(pid: int) -> int:
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="the launcher watch reads /proc (Linux)")
 def test_learners_stop_when_their_launcher_dies(tmp_path):
-    """horovodrun dies with its helper process (Horovod's middleman, which otherwise stops mpirun): nothing is left
-    to stop mpirun and the learners, so the learners must notice that their launcher is gone and stop."""
+    """The launcher dies outright: horovodrun, Horovod's helper process (which otherwise stops mpirun when horovodrun
+    dies), and mpirun itself are killed with SIGKILL. Nobody is left to stop the learners: they must notice that
+    their launcher is gone and stop."""
     env = {**horovodrun_env(2), "PYTHONPATH": str(REPO), "HOROVOD_DPSGD_TIMEOUT": "600",
            "DPSGD_PID_DIR": str(tmp_path)}
     launcher = subprocess.Popen(horovodrun_command(2, ["tests/mpi/leaving.py", "forever"]), cwd=REPO, env=env,
@@ -104,7 +105,8 @@ def test_learners_stop_when_their_launcher_dies(tmp_path):
         learners = [int(f.read_text()) for f in tmp_path.glob("pid.*")]
         assert len(learners) == 2, "the job did not start"
         mpirun = [_parent(learners[0])]
-        for pid in [launcher.pid, *_children(launcher.pid)]:  # horovodrun and its middleman, without cleanup
+        shell = _parent(mpirun[0])  # horovodrun -> its helper -> /bin/sh -c mpirun ... -> mpirun -> learners
+        for pid in [launcher.pid, *_children(launcher.pid), shell, mpirun[0]]:
             os.kill(pid, signal.SIGKILL)
         launcher.wait()
         deadline = time.monotonic() + 20

@@ -33,6 +33,7 @@ __all__ = ["communicator", "mpi_world_size", "abort_job_on_uncaught_exception", 
 DEFAULT_TIMEOUT = 300.0
 _POLL_MAX = 1e-3  # longest sleep between two progress polls, seconds
 _TAGS = 32768  # message tags are the step modulo this (MPI guarantees tags up to 32767)
+_CHECK_EVERY = 1e-3  # seconds between two calls of a wait's check (it probes for messages: ~5 us a call)
 
 
 def _mpi():
@@ -68,7 +69,7 @@ def _wait_requests(requests, deadline: float, what, urgent: Optional[threading.E
 
     Polls with a growing pause (cheap while the training thread computes); once ``urgent`` is
     set (the training thread is waiting for the result) it polls without pausing. ``check()`` runs
-    at every poll and may raise to end the wait early (e.g. a peer has left); every
+    first and then at most every millisecond, and may raise to end the wait early (e.g. a peer has left); every
     :func:`stall_warning_seconds` a :class:`StallWarning` reports ``stalled(pending, waited)``.
     ``statuses``, if given, receives the requests' statuses.
     """
@@ -77,13 +78,15 @@ def _wait_requests(requests, deadline: float, what, urgent: Optional[threading.E
     start = time.monotonic()
     every = stall_warning_seconds() if stalled is not None else None
     warn_at = start + every if every else math.inf
+    check_at = start
     while True:
-        if check is not None:
+        now = time.monotonic()
+        if check is not None and now >= check_at:
             check()
+            check_at = now + _CHECK_EVERY
         _check_not_finalized(what)
         if MPI.Request.Testall(requests, statuses):
             return
-        now = time.monotonic()
         if now > deadline:
             raise ExchangeTimeoutError(what(_pending(requests)) if callable(what) else what)
         if now >= warn_at:

@@ -1,8 +1,7 @@
 """Who is still there: learners that leave say so, and a learner whose launcher is gone leaves.
 
 * :class:`Roster`: when a learner's process exits, it tells every other rank after how many steps it finished each
-  of its DPSGD optimizers, then waits (up to 30 s) until every other rank has said the same: the learners leave
-  together. A learner still training in a step that a departed one never reached fails at once with
+  of its DPSGD optimizers, then waits (up to 30 s) until every other rank leaves too. A learner still training in a step that a departed one never reached fails at once with
   :class:`~horovod_dpsgd.errors.StepMismatchError` naming both ranks and steps, instead of waiting for the timeout,
   or crashing inside MPI once Horovod has shut down (Horovod finalizes MPI on every rank when one rank's process
   ends).
@@ -98,25 +97,39 @@ class Roster:
                 "as a step too")
 
     def leave(self) -> None:
-        """Tell every other rank after how many steps this learner finished each optimizer; wait (up to the
-        timeout, at most :data:`EXIT_WAIT` seconds) until every other rank has done the same. Once, at exit."""
+        """Tell every other rank after how many steps this learner finished each optimizer; then wait (up to the
+        timeout, at most :data:`EXIT_WAIT` seconds) until every other rank leaves too. Once, at exit.
+
+        The wait is a Horovod allreduce, not an MPI call of the plugin's: once a rank has left it shuts Horovod
+        down, and Horovod then finalizes MPI on every rank from its background thread, under any MPI call the
+        plugin might still be making. A Horovod operation completes in that thread, before the shutdown.
+        """
         MPI = _mpi()
         if self._gone or self.size == 1 or MPI.Is_finalized():
             return
         self._gone = True
         table = {m.seq: m.steps for m in self.members}
-        others = set(range(self.size)) - {self.rank}
         deadline = time.monotonic() + min(self.timeout, EXIT_WAIT)
         try:
-            sends = [self.comm.isend(table, dest=r, tag=_TAG) for r in sorted(others)]
-            while time.monotonic() < deadline:
-                self.poll()
-                if others <= set(self.left) and MPI.Request.Testall(sends):
-                    return
-                time.sleep(0.01)
+            sends = [self.comm.isend(table, dest=r, tag=_TAG) for r in range(self.size) if r != self.rank]
+            while not MPI.Request.Testall(sends) and time.monotonic() < deadline:
+                time.sleep(0.001)  # small messages: sent at once
         except MPI.Exception:  # a peer has gone already
             return
-        # The others are busy with something else (e.g. rank 0 alone evaluates or saves): leave without them.
+        _wait_for_everyone(deadline)
+
+
+def _wait_for_everyone(deadline: float) -> None:
+    """A Horovod allreduce that every leaving rank joins, given up at ``deadline`` (a rank still busy with other
+    work, e.g. rank 0 alone evaluating, is left behind)."""
+    import horovod.torch as hvd
+    import torch
+    try:
+        handle = hvd.allreduce_async(torch.zeros(1), name="horovod_dpsgd.leave", op=hvd.Sum)
+        while not hvd.poll(handle) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except Exception:  # Horovod has been shut down already (hvd.shutdown() in the script)
+        return
 
 
 _roster: List[Roster] = []
