@@ -1,5 +1,5 @@
-"""Ranks agree before they talk, and waits report stalls and departures: the logic, in one process
-(the multi-process behaviour is in test_agreement_mpi.py, test_leaving.py and test_resume.py)."""
+"""Ranks agree before they talk, and waits report stalls and departures: the logic, in one process (the
+multi-process behaviour: tests/parallel/test_agreement.py, test_resume.py, tests/integration/test_leaving.py)."""
 
 import os
 import signal
@@ -8,6 +8,7 @@ import sys
 import textwrap
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -211,7 +212,8 @@ def test_a_learner_stops_when_its_launcher_is_killed(tmp_path):
                         f"child = subprocess.Popen([sys.executable, {str(learner)!r}])\n"
                         "print(child.pid, flush=True)\ntime.sleep(60)\n")
     launcher.chmod(0o755)
-    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([str(launcher)], stdout=subprocess.PIPE, text=True, env=env)
     child = int(proc.stdout.readline())
     try:

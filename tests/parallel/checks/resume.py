@@ -1,14 +1,14 @@
-"""Resuming the ways Horovod users resume: ``horovodrun -np N python tests/mpi/resume.py OUT.json [VARIANT ...]``.
+"""Resuming the ways Horovod users resume.
 
 A first run trains 3 steps (learners start from different weights, random-peer topology, StepLR) and saves, as
 Horovod's examples do (rank 0 writes model, optimizer and scheduler state and the epoch to one file) and as
-horovod_dpsgd.checkpoint does (one file per learner). Each variant then builds fresh objects, as a relaunched
+horovod_dpsgd.checkpoint does (one file per learner). Each check then builds fresh objects, as a relaunched
 script would, resumes, and trains to step 6. Its weights must equal those of a *twin* that continued the first
 run in memory after the same state transfer, bit for bit, and every rank must count 6 steps.
-
-Rank 0 writes one entry per variant to OUT.json; tests/test_resume.py asserts on them.
+tests/parallel/test_resume.py asserts on the checks; files go beside OUT.json (``sys.argv[1]``).
 """
 
+import functools
 import os
 import sys
 import traceback
@@ -16,9 +16,8 @@ import traceback
 import torch
 import horovod.torch as hvd
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import horovod_dpsgd as hd  # noqa: E402
-from mpi.common import all_weights, loss_fn, make_model, report  # noqa: E402
+import horovod_dpsgd as hd
+from common import all_weights, check, loss_fn, make_model
 
 hvd.init()
 RANK, SIZE = hvd.rank(), hvd.size()
@@ -157,7 +156,22 @@ def load_on_one_rank_mid_training():
     train(model, opt, sched, SAVED, END)
 
 
-noise = lambda: [hd.GaussianNoise(0.01, seed=1)]  # noqa: E731  (SSGD*: the step seeds the shared sample)
+def noise():
+    return [hd.GaussianNoise(0.01, seed=1)]  # SSGD*: the step seeds the sample every replica adds
+
+
+@functools.lru_cache(maxsize=None)
+def saved() -> bool:
+    """The saved states, written once (collective: the first check that needs them runs it on every rank): after
+    3 steps with momentum, without (stateless), and with SSGD*; after 2 steps for the error checks."""
+    for tag, args in (("m", (0.9,)), ("s", (0.0,)), ("ssgd", (0.9, "ssgd", noise()))):
+        save(tag, *first_run(*args))
+    model, opt, sched = build(0.9, RANK)
+    train(model, opt, sched, 0, SAVED - 1)
+    save("early", model, opt, sched)
+    return True
+
+
 VARIANTS = {
     "rank0_load_then_broadcasts": lambda: compare(lambda: resume_rank0("m", 0.9), lambda: twin(0.9, True)),
     "rank0_load_then_broadcasts_stateless": lambda: compare(lambda: resume_rank0("s", 0.0), lambda: twin(0.0, True)),
@@ -169,18 +183,5 @@ VARIANTS = {
     "error_load_state_dict_on_one_rank": lambda: expect_error(load_on_one_rank_mid_training),
 }
 
-# The saved states: after 3 steps (momentum, stateless, SSGD*), and after 2 steps for the error variants.
-for tag, args in (("m", (0.9,)), ("s", (0.0,)), ("ssgd", (0.9, "ssgd", noise()))):
-    save(tag, *first_run(*args))
-model, opt, sched = build(0.9, RANK)
-train(model, opt, sched, 0, SAVED - 1)
-save("early", model, opt, sched)
-del model, opt, sched
-
-results = {"size": SIZE}
-for name in sys.argv[2:] or VARIANTS:
-    try:
-        results[name] = VARIANTS[name]()
-    except Exception:
-        results[name] = {"error": traceback.format_exc()[-4000:]}
-report(results)
+for _name, _variant in VARIANTS.items():
+    check(_name)(lambda variant=_variant: saved() and variant())

@@ -1,4 +1,4 @@
-"""A learner leaves or falls behind: ``horovodrun -np N python tests/mpi/leaving.py CASE``.
+"""A learner leaves or falls behind: ``horovodrun -np N python tests/integration/jobs/leaving.py CASE``.
 
 Cases (the odd rank is the last one):
 
@@ -18,15 +18,21 @@ import time
 import torch
 import horovod.torch as hvd
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import horovod_dpsgd as hd  # noqa: E402
-from mpi.common import loss_fn, make_model  # noqa: E402
+import horovod_dpsgd as hd
+
+
+def loss_fn(model, rank, t):
+    g = torch.Generator().manual_seed(1000 * t + rank)
+    x, y = torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g)
+    return torch.nn.functional.cross_entropy(model(x), y)
+
 
 case = sys.argv[1]
 hvd.init()
 RANK, SIZE = hvd.rank(), hvd.size()
 ODD = RANK == SIZE - 1
-model = make_model()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
 # random peer: point-to-point with one partner per step (at np = 2 always the other rank)
 opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), topology="random_peer")
 

@@ -1,5 +1,5 @@
 """A learner that leaves or falls behind is named at once, a stall is reported long before the timeout, and
-learners stop when their launcher dies (tests/mpi/leaving.py, real horovodrun jobs).
+learners stop when their launcher dies (tests/integration/jobs/leaving.py, real horovodrun jobs).
 
 The exchange timeout is left at its default (300 s) or set far above the launch timeout: a failure that came
 from the timeout, not from the plugin noticing, makes the launch time out and the test fail.
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.mpi
 
 
 def leaving(case: str, np_: int = 2, timeout: float = 120, env=None):
-    return run(horovodrun_command(np_, ["tests/mpi/leaving.py", case]), timeout=timeout,
+    return run(horovodrun_command(np_, ["tests/integration/jobs/leaving.py", case]), timeout=timeout,
                env={"HOROVOD_DPSGD_TIMEOUT": "600", **(env or {})}, np_=np_)
 
 
@@ -95,7 +95,7 @@ def test_learners_stop_when_their_launcher_dies(tmp_path):
     their launcher is gone and stop."""
     env = {**horovodrun_env(2), "PYTHONPATH": str(REPO), "HOROVOD_DPSGD_TIMEOUT": "600",
            "DPSGD_PID_DIR": str(tmp_path)}
-    launcher = subprocess.Popen(horovodrun_command(2, ["tests/mpi/leaving.py", "forever"]), cwd=REPO, env=env,
+    launcher = subprocess.Popen(horovodrun_command(2, ["tests/integration/jobs/leaving.py", "forever"]), cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     learners, mpirun = [], []
     try:

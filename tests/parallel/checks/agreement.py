@@ -1,13 +1,10 @@
 """Ranks agree before they talk: construction settings that differ, or are invalid on one rank only.
 
-Run as ``horovodrun -np N python tests/mpi/agreement.py OUT.json [CASE ...]`` (all cases by default). In each
-case the ranks build ``horovod_dpsgd.DistributedOptimizer`` with arguments that differ on one rank; every rank
-records what it raised and the warnings it saw, and rank 0 writes them to OUT.json (one list per case, in rank
-order). tests/test_agreement.py asserts that every rank raised the same clear error.
+In each check the ranks build ``horovod_dpsgd.DistributedOptimizer`` with arguments that differ on the last
+rank; every rank records what it raised and the warnings it saw, and the check returns every rank's record (rank
+order). tests/parallel/test_agreement.py asserts that every rank raised the same clear error.
 """
 
-import os
-import sys
 import traceback
 import warnings
 
@@ -15,9 +12,8 @@ import numpy as np
 import torch
 import horovod.torch as hvd
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import horovod_dpsgd as hd  # noqa: E402
-from mpi.common import make_model, report  # noqa: E402
+import horovod_dpsgd as hd
+from common import check, make_model
 
 hvd.init()
 RANK, SIZE = hvd.rank(), hvd.size()
@@ -26,8 +22,7 @@ ODD = RANK == SIZE - 1  # the rank whose arguments differ
 
 def build(**kw):
     model = make_model()
-    named = kw.pop("named", None)
-    return hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=named, **kw)
+    return hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), **kw)
 
 
 def two_matrices():
@@ -52,19 +47,30 @@ class Stack(torch.nn.Module):
 
 
 def unnamed_reordered():
-    model = Stack()
-    params = list(model.parameters())
+    params = list(Stack().parameters())
     if ODD:
         params[0], params[2] = params[2], params[0]  # the same shapes, another order
     return hd.DistributedOptimizer(torch.optim.SGD(params, lr=0.1))
 
 
 def named_reordered():
-    model = Stack()
-    named = list(model.named_parameters())
+    named = list(Stack().named_parameters())
     if ODD:
         named.reverse()
     return hd.DistributedOptimizer(torch.optim.SGD([p for _, p in named], lr=0.1), named_parameters=named)
+
+
+def every_rank(fn):
+    """Run ``fn`` on every rank: each rank's exception type, message and warnings, gathered in rank order."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            fn()
+            mine = {"raised": None}
+        except Exception as exc:
+            mine = {"raised": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()[-3000:]}
+    mine["warnings"] = [str(w.message) for w in seen if issubclass(w.category, UserWarning)]
+    return hvd.allgather_object(mine, name="agreement.outcomes")
 
 
 CASES = {
@@ -84,21 +90,5 @@ CASES = {
     "same_settings": lambda: build(topology="ring", seed=3, timeout=30),
 }
 
-
-def run_case(fn):
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        try:
-            fn()
-            outcome = {"raised": None}
-        except Exception as exc:
-            outcome = {"raised": type(exc).__name__, "message": str(exc),
-                       "traceback": traceback.format_exc()[-3000:]}
-    outcome["warnings"] = [str(w.message) for w in seen if issubclass(w.category, UserWarning)]
-    return outcome
-
-
-results = {"size": SIZE}
-for name in sys.argv[2:] or CASES:
-    results[name] = hvd.allgather_object(run_case(CASES[name]), name=f"case.{name}")
-report(results)
+for _name, _fn in CASES.items():
+    check(_name)(lambda fn=_fn: every_rank(fn))
