@@ -123,7 +123,8 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_run_bit_for_bit(report):
     assert r["diff"] == 0.0
     assert r["extra"] == {"epoch": 3}
     n = report["size"]
-    assert r["files"] == [f"learner-{j:05d}-of-{n:05d}.pt" for j in range(n)]  # no temporary files left
+    # one file per learner and the manifest; no temporary files left
+    assert r["files"] == [f"learner-{j:05d}-of-{n:05d}.s000001.pt" for j in range(n)] + ["manifest.json"]
 
 
 GLOO_SCRIPT = """
@@ -155,3 +156,36 @@ def test_init_with_mpi_comm_world_and_plugin_imported_first(tmp_path):
     assert proc.returncode == 0, proc.stdout[-5000:]
     r = json.loads(out.read_text())
     assert r["mpi_size"] == 2 and r["max_abs_diff"] <= 1e-6
+
+
+@pytest.mark.parametrize("topology", ["ring", "random_peer", "full"])
+def test_nan_weights_of_one_learner_are_kept_out_of_every_mix_with_nonfinite_skip(report, topology):
+    ranks = result(report, f"nan_weights_skip_{topology}")
+    assert all(r["finite"] for r in ranks), ranks          # contained: nobody ends NaN, the victim rejoined
+    for rank, r in enumerate(ranks):
+        assert r["diff"] is None or r["diff"] <= 1e-6, (rank, r)
+        if "1" in r["rejected"]:                              # whoever left rank 1 out said so, naming the step
+            step = "at step 2" if topology != "random_peer" else "at step "  # a random peer may match it later
+            assert any(f"rank {rank}: left " in w and (" from rank 1 " in w or rank == 1) and step in w
+                       for w in r["warnings"]), r["warnings"]
+    assert ranks[1]["skipped"] == 1                           # its gradient, taken at NaN weights, was NaN
+    if topology != "random_peer":                             # (a random peer may leave rank 1 unmatched)
+        n = report["size"]
+        neighbours = set(range(n)) if topology == "full" else {0, 1, 2 % n}
+        assert all(r["diff"] is not None for r in ranks)
+        assert [r["rejected"] for r in ranks] == [{"1": 1} if j in neighbours else {} for j in range(n)]
+
+
+@pytest.mark.parametrize("topology", ["ring", "full"])
+def test_nan_weights_raise_on_every_learner_about_to_mix_them_naming_the_source_and_step(report, topology):
+    ranks = result(report, f"nan_weights_raise_{topology}")
+    n = report["size"]
+    neighbours = set(range(n)) if topology == "full" else {0, 1, 2 % n}
+    for rank, r in enumerate(ranks):
+        if rank == 1:
+            assert "rank 1: at step 2 the weights of this learner (rank 1) are NaN or infinite" in r["error"], r
+        elif rank in neighbours:
+            assert f"rank {rank}: at step 2 the weights of rank 1 are NaN or infinite" in r["error"], r
+            assert r["finite"]                                 # the NaN did not reach it
+        else:
+            assert r["error"] is None and r["finite"]          # not a neighbour: nothing reached it yet

@@ -18,6 +18,7 @@ from horovod_dpsgd import topology as topologies
 from horovod_dpsgd.comm.buffers import FlatParameters
 from horovod_dpsgd.comm.exchange import (Exchange, ExchangeHandle, Transfer, abort_job_on_uncaught_exception,
                                          communicator)
+from horovod_dpsgd.comm.screen import WeightScreen, finite
 from horovod_dpsgd.errors import MPIEnvironmentError, ParameterMismatchError
 from horovod_dpsgd.options import Options
 
@@ -66,15 +67,18 @@ class NeighbourAverager:
         "topology", "rank", "size",
         # what moves, and how: the parameters' flat storage, the exchange, the wire format
         "flat", "exchange", "compression",
+        # what may be mixed: the non-finite weights check (None: nonfinite="ignore")
+        "screen",
         # the step in flight
         "_plan", "_handle",
         "__weakref__",
     )
 
     def __init__(self, flat: FlatParameters, exchange: Exchange, topology: topologies.Topology, *, rank: int,
-                 size: int, compression: Compressor):
+                 size: int, compression: Compressor, screen: Optional[WeightScreen] = None):
         self.topology, self.rank, self.size = topology, rank, size
         self.flat, self.exchange, self.compression = flat, exchange, compression
+        self.screen = screen
         self._plan: Optional[topologies.MixingPlan] = None
         self._handle: Optional[ExchangeHandle] = None
         # The communication thread ends with the averager. Not at interpreter exit: the daemon thread
@@ -100,8 +104,9 @@ class NeighbourAverager:
         comm = communicator(rank, size, options.timeout)
         _check_same_parameters(comm, named)
         abort_job_on_uncaught_exception()
+        screen = None if options.nonfinite == "ignore" else WeightScreen(options.nonfinite, rank)
         return cls(flat, Exchange(comm, options.timeout, options.overlap), topology, rank=rank, size=size,
-                   compression=compression)
+                   compression=compression, screen=screen)
 
     def start(self, step: int) -> None:
         """Send ``w_j(step)`` to the peers of ``step``'s plan and post the receives."""
@@ -125,12 +130,37 @@ class NeighbourAverager:
             return
         handle.wait()
         self._handle = None
-        for group, transfer in zip(self.flat.groups, handle.transfers):
-            if plan.collective:
-                group.set_average(transfer.recv[0], self.size)
-            else:
-                group.mix(plan.self_weight, [(w, self.compression.decompress(r, group.dtype))
-                                             for w, r in zip(plan.peer_weights, transfer.recv)])
+        groups = self.flat.groups
+        if plan.collective:
+            sums, count = [t.recv[0] for t in handle.transfers], self.size
+            if self.screen is not None and not all(finite(sums)):
+                sums, count = self._sum_of_finite(handle.step)
+            for group, total in zip(groups, sums if count else ()):
+                group.set_average(total, count)
+            return
+        weights = plan.self_weight, plan.peer_weights
+        if self.screen is not None:
+            weights = self.screen.weights(plan, [g.send for g in groups], [t.recv for t in handle.transfers],
+                                          handle.step)
+            if weights is None:  # nothing finite to mix
+                return
+        for group, transfer in zip(groups, handle.transfers):
+            group.mix(weights[0], [(w, self.compression.decompress(r, group.dtype))
+                                   for w, r in zip(weights[1], transfer.recv) if w])
+
+    def _sum_of_finite(self, step: int) -> Tuple[List[torch.Tensor], int]:
+        """Full averaging met a non-finite sum (every rank sees the same sum, so every rank is here): one more
+        allreduce gathers who is not finite and sums the weights of those who are. Returns (sums, count)."""
+        own_finite = all(finite([g.send for g in self.flat.groups]))
+        flags = torch.zeros(self.size, dtype=torch.float64)
+        flags[self.rank] = 0.0 if own_finite else 1.0
+        transfers = [Transfer(flags, None, [torch.empty_like(flags)])]
+        transfers += [Transfer(g.send if own_finite else torch.zeros_like(g.send), None, [g.sum_buffer()])
+                      for g in self.flat.groups]
+        self.exchange.start(transfers, step).wait()
+        bad = [r for r, flag in enumerate(transfers[0].recv[0].tolist()) if flag]
+        self.screen.reject(bad, step)
+        return [t.recv[0] for t in transfers[1:]], self.size - len(bad)
 
     def drain(self) -> None:
         """Complete an exchange in flight without mixing (e.g. before loading a checkpoint)."""
