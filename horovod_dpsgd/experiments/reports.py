@@ -3,6 +3,7 @@
 import json
 import math
 import statistics
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -11,9 +12,26 @@ __all__ = ["read_metrics", "summarize", "one_line", "table", "plot", "plot_diagn
 
 
 def read_metrics(path) -> List[dict]:
-    """The JSON-lines records of one run."""
+    """The JSON-lines records of one run, as one run even if it was resumed.
+
+    A resumed run appends to the file, beginning with a ``start`` record with ``"resumed": true`` at the
+    step of its checkpoint: the records the interrupted run wrote after that step (redone by the resumed
+    run) and its ``end`` are left out. A line cut short by a kill is skipped with a warning.
+    """
+    records: List[dict] = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                warnings.warn(f"{path}:{number}: skipped a malformed record (cut short?): {line[:80]!r}")
+                continue
+            if record.get("kind") == "start" and record.get("resumed"):
+                records = [r for r in records if r["step"] <= record["step"] and r["kind"] != "end"]
+            records.append(record)
+    return records
 
 
 def summarize(name: str, seed: int, records: Sequence[dict], target_accuracy: float) -> dict:

@@ -2,24 +2,28 @@
 
 Rank 0 prints a progress bar and one line per epoch, writes TensorBoard scalars to
 ``log_dir`` and, if ``metrics_file`` is set, JSON lines that ``horovod-dpsgd compare`` reads:
-``{"kind": "step" | "epoch" | "diag" | "end", "step": ..., ...}``.
+``{"kind": "start" | "step" | "epoch" | "diag" | "end", "step": ..., ...}``. The ``start`` record holds
+the exact configuration of the run (``config``) and the number of learners; a run resumed from a
+checkpoint appends to the file, beginning with a ``start`` record with ``"resumed": true`` at the
+checkpoint's step (:func:`horovod_dpsgd.experiments.reports.read_metrics` reads that as one run). The
+configuration is also written as ``config.json`` into ``log_dir`` and ``checkpoint_dir``.
 """
 
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from typing import Optional, Tuple
+from typing import Tuple
 
 import click
 import torch
 import torch.nn.functional as F
 import horovod.torch as hvd
 
-from horovod_dpsgd import checkpoint
+from horovod_dpsgd import checkpoint, topology
 from horovod_dpsgd.callbacks import GaussianNoise
+from horovod_dpsgd.experiments.config import TrainConfig
 from horovod_dpsgd.experiments.data import shard
 from horovod_dpsgd.optimizer import DistributedOptimizer
 from horovod_dpsgd.experiments.recipes import lr_multiplier, scaled_lr
@@ -27,52 +31,38 @@ from horovod_dpsgd.experiments.recipes import lr_multiplier, scaled_lr
 __all__ = ["TrainConfig", "train"]
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything one training run needs; the CLI's ``train`` options map onto these fields."""
-
-    task: str = "mnist"
-    model: str = "mlp"
-    algorithm: str = "dpsgd"
-    topology: str = "ring"
-    batch_size: int = 500            # per learner
-    lr: float = 1.0                  # base learning rate
-    linear_scaling: bool = False     # lr * total batch / base_batch
-    base_batch: int = 128
-    warmup_epochs: float = 0.0
-    decay_epochs: Tuple[float, ...] = ()
-    decay_factor: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    epochs: int = 10
-    max_steps: Optional[int] = None
-    noise_sigma: float = 0.0         # Gaussian noise (SSGD*) std; 0 disables it
-    diag_every: int = 0              # noise diagnostics interval in steps; 0 disables them
-    probe_batches: int = 2
-    log_every: int = 1
-    eval_every: int = 1              # epochs between evaluations (the last epoch is always evaluated)
-    seed: int = 0
-    data_dir: Optional[str] = None
-    download: bool = False
-    log_dir: Optional[str] = None
-    checkpoint_dir: Optional[str] = None
-    metrics_file: Optional[str] = None
-    quiet: bool = False
-
-
 class _Metrics:
-    """Rank 0's outputs: the JSON-lines file, TensorBoard and the console."""
+    """Rank 0's outputs: the JSON-lines file, TensorBoard and the console.
 
-    def __init__(self, cfg: TrainConfig, rank: int):
+    A resumed run (``append``) appends to the metrics file, so the records before the interruption stay.
+    """
+
+    def __init__(self, cfg: TrainConfig, rank: int, append: bool):
         self.active = rank == 0
         self.quiet = cfg.quiet
         self.file = self.writer = None
         if self.active and cfg.metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(cfg.metrics_file)), exist_ok=True)
-            self.file = open(cfg.metrics_file, "w")
+            self.file = open(cfg.metrics_file, "a" if append else "w")
+            if self.file.tell() and not _ends_with_newline(cfg.metrics_file):
+                self.file.write("\n")  # a record cut short by a kill stays a line of its own
         if self.active and cfg.log_dir:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(cfg.log_dir)
+
+    def start(self, cfg: TrainConfig, step: int, epoch: int, resumed: bool, learners: int) -> None:
+        """Record the exact configuration: first record of the metrics file, ``config.json`` in the output
+        directories, text in TensorBoard."""
+        if not self.active:
+            return
+        config = cfg.to_dict()
+        self.record("start", step, epoch=epoch, resumed=resumed, learners=learners, config=config)
+        for directory in (cfg.log_dir, cfg.checkpoint_dir):
+            if directory:
+                os.makedirs(directory, exist_ok=True)
+                cfg.save(os.path.join(directory, "config.json"))
+        if self.writer:
+            self.writer.add_text("config", "```\n" + json.dumps(config, indent=1) + "\n```", step)
 
     def record(self, kind: str, step: int, **values) -> None:
         if not self.active:
@@ -95,6 +85,12 @@ class _Metrics:
             self.file.close()
         if self.writer:
             self.writer.close()
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 class _Progress:
@@ -156,6 +152,27 @@ def evaluate(model: torch.nn.Module, loader) -> Tuple[float, float]:
     return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
 
+def _check_topology(cfg: TrainConfig, size: int) -> None:
+    """Build the topology for the job's world size; the command line checked only its syntax."""
+    try:
+        topology.from_name(cfg.topology, size=size, seed=cfg.seed)
+    except topology.TopologyError as exc:
+        raise click.BadParameter(f"{cfg.topology!r} does not fit {size} learners: {exc}",
+                                 param_hint="--topology") from None
+
+
+def _end_of_epoch_evaluation(model, test_loader, epoch_sum: torch.Tensor, metrics: _Metrics, epoch: int, step: int,
+                             started: float) -> dict:
+    """Training loss of the epoch and test loss/accuracy of the averaged model ``w_a`` (collective)."""
+    epoch_sum = hvd.allreduce(epoch_sum, op=hvd.Sum, name="horovod_dpsgd.epoch_loss")
+    train_loss = float(epoch_sum[0] / epoch_sum[1])
+    test_loss, accuracy = evaluate(checkpoint.average_model(model), test_loader)
+    metrics.record("epoch", step, epoch=epoch, loss=test_loss, accuracy=accuracy)
+    metrics.say(f"epoch {epoch}: train loss {train_loss:.4f}  test loss {test_loss:.4f}  "
+                f"test accuracy {100 * accuracy:.2f}%  ({time.time() - started:.1f} s)")
+    return {"test_loss": test_loss, "test_accuracy": accuracy, "train_loss": train_loss}
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train as ``cfg`` says; returns the final metrics (on every rank)."""
     from horovod_dpsgd.experiments.data import get_dataset
@@ -164,6 +181,8 @@ def train(cfg: TrainConfig) -> dict:
     if not hvd.is_initialized():
         hvd.init()
     rank, size = hvd.rank(), hvd.size()
+    if cfg.algorithm == "dpsgd":
+        _check_topology(cfg, size)
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // hvd.local_size()))
     train_set, test_set = get_dataset(cfg.task, data_dir=cfg.data_dir, download=cfg.download)
@@ -178,7 +197,9 @@ def train(cfg: TrainConfig) -> dict:
     callbacks, diagnostics = [], None
     if cfg.noise_sigma:
         callbacks.append(GaussianNoise(cfg.noise_sigma, seed=cfg.seed))
-    metrics = _Metrics(cfg, rank)
+    last_checkpoint = os.path.join(cfg.checkpoint_dir, "last") if cfg.checkpoint_dir else None
+    resuming = last_checkpoint is not None and os.path.isdir(last_checkpoint)
+    metrics = _Metrics(cfg, rank, append=resuming)
     if cfg.diag_every:
         from horovod_dpsgd.diagnostics import NoiseDiagnostics
         diagnostics = NoiseDiagnostics(model, F.cross_entropy, probe, every=cfg.diag_every, log_dir=metrics.writer)
@@ -189,10 +210,11 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_multiplier(steps_per_epoch, start_lr, cfg.warmup_epochs, cfg.decay_epochs, cfg.decay_factor))
     first_epoch = 0
-    if cfg.checkpoint_dir and os.path.isdir(os.path.join(cfg.checkpoint_dir, "last")):
-        first_epoch = checkpoint.load(os.path.join(cfg.checkpoint_dir, "last"), model, optimizer)["epoch"]
+    if resuming:
+        first_epoch = checkpoint.load(last_checkpoint, model, optimizer)["epoch"]
         scheduler.last_epoch = optimizer.step_count
-        metrics.say(f"resumed from {cfg.checkpoint_dir}/last at epoch {first_epoch}")
+        metrics.say(f"resumed from {last_checkpoint} at epoch {first_epoch}")
+    metrics.start(cfg, optimizer.step_count, first_epoch, resumed=resuming, learners=size)
 
     what = f"{cfg.algorithm}" + (f" ({cfg.topology})" if cfg.algorithm == "dpsgd" else "") + \
         (f" + Gaussian noise sigma={cfg.noise_sigma:g}" if cfg.noise_sigma else "")
@@ -235,18 +257,12 @@ def train(cfg: TrainConfig) -> dict:
             metrics.say(f"epoch {epoch + 1}: training loss is NaN/inf: diverged at step {optimizer.step_count}")
             break
         last_epoch = epoch + 1 == cfg.epochs or optimizer.step_count >= total_steps
-        if (epoch + 1) % cfg.eval_every and not last_epoch:
-            continue
-        epoch_sum = hvd.allreduce(epoch_sum, op=hvd.Sum, name="horovod_dpsgd.epoch_loss")
-        train_loss = float(epoch_sum[0] / epoch_sum[1])
-        test_loss, accuracy = evaluate(checkpoint.average_model(model), test_loader)
-        metrics.record("epoch", optimizer.step_count, epoch=epoch + 1, loss=test_loss, accuracy=accuracy)
-        metrics.say(f"epoch {epoch + 1}: train loss {train_loss:.4f}  test loss {test_loss:.4f}  "
-                    f"test accuracy {100 * accuracy:.2f}%  ({time.time() - started:.1f} s)")
-        result.update(test_loss=test_loss, test_accuracy=accuracy, train_loss=train_loss)
-        if cfg.checkpoint_dir:
-            checkpoint.save(os.path.join(cfg.checkpoint_dir, "last"), model, optimizer, extra={"epoch": epoch + 1, "task": cfg.task,
-                                                                                    "model": cfg.model})
+        if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
+            result.update(_end_of_epoch_evaluation(model, test_loader, epoch_sum, metrics, epoch + 1,
+                                                   optimizer.step_count, started))
+        if last_checkpoint and ((epoch + 1) % cfg.checkpoint_every == 0 or last_epoch):
+            checkpoint.save(last_checkpoint, model, optimizer,
+                            extra={"epoch": epoch + 1, "task": cfg.task, "model": cfg.model})
     result["steps"] = optimizer.step_count
     metrics.record("end", optimizer.step_count, **result)
     metrics.close()
