@@ -7,6 +7,7 @@ Like Horovod, it returns an instance of a class made for the user's optimizer cl
 ``isinstance(opt, torch.optim.SGD)`` holds and the algorithm's ``super()`` reaches the user's update.
 """
 
+import os
 import warnings
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
@@ -21,6 +22,7 @@ from horovod_dpsgd.algorithms.dpsgd import DPSGD
 from horovod_dpsgd.algorithms.ssgd import SSGD
 from horovod_dpsgd.callbacks import Callback
 from horovod_dpsgd.comm.averaging import NeighbourAverager
+from horovod_dpsgd.errors import MPIEnvironmentError
 from horovod_dpsgd.options import ALGORITHMS, Options
 from horovod_dpsgd.topology import Topology
 
@@ -97,9 +99,23 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     if process_set is not global_process_set:
         raise ValueError("algorithm='dpsgd' trains over the global process set; pass algorithm='ssgd' to "
                          "reduce over a process set")
+    _refuse_elastic()
     averager = NeighbourAverager.create(named, options, compression)
     return _subclass(optimizer, DPSGD)(optimizer.param_groups, averager=averager,
                                        backward_passes_per_step=backward_passes_per_step, **base)
+
+
+def _refuse_elastic() -> None:
+    """DPSGD cannot run under Elastic Horovod: say so, and what to do instead (docs/api.md, "Elastic Horovod")."""
+    if os.environ.get("HOROVOD_ELASTIC") == "1":  # set by horovodrun's elastic driver in every worker
+        raise MPIEnvironmentError(
+            "algorithm='dpsgd' does not support Elastic Horovod (horovodrun --min-np/--max-np/--host-discovery-script, "
+            "hvd.elastic.run): an elastic job runs over Gloo without MPI and changes its number of learners while it "
+            "runs, whereas DPSGD exchanges each learner's own weights with fixed neighbours over MPI, and a learner "
+            "that leaves takes its weights with it. Either launch a fixed-size job, `horovodrun -np N python "
+            "script.py` without --min-np, --max-np and --host-discovery-script, and restart it from per-learner "
+            "checkpoints (horovod_dpsgd.checkpoint) after a failure; or keep the elastic launch and pass "
+            "algorithm='ssgd' (Horovod's gradient allreduce, which elastic jobs support)")
 
 
 def _subclass(optimizer: torch.optim.Optimizer, algorithm: type) -> type:
