@@ -124,7 +124,10 @@ class NeighbourAverager:
 
     @torch.no_grad()
     def finish(self) -> None:
-        """Wait for the peers' weights and set the parameters to ``w_s,j(t) = sum_k W_jk(t) w_k(t)``."""
+        """Wait for the peers' weights and set the parameters to ``w_s,j(t) = sum_k W_jk(t) w_k(t)``.
+
+        Unless ``nonfinite="ignore"``, the weights about to be mixed are checked first and non-finite ones raise
+        or are left out (:mod:`horovod_dpsgd.comm.screen`)."""
         handle, plan = self._handle, self._plan
         if handle is None:  # no peer this step (e.g. the unmatched learner of an odd world)
             return
