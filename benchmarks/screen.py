@@ -4,8 +4,9 @@
 
 One process, the models and 32x32 inputs of benchmarks/step_time.py. For each model, each repetition times, in
 turn on the same flat buffers: the mix of a ring step (own weights and 2 received buffers: mul + 2 adds), the mix
-of a random-peer step (one lerp), the check of a ring step (one sum over own + 2 received) and of a random-peer
-step (own + 1), and a forward/backward pass at --batch-size samples. Prints medians and the per-repetition ratios
+of a random-peer step (one lerp), the check of a ring step and of a random-peer step with nonfinite="raise" (one
+sum per received buffer: 2 and 1) and "skip" (own weights too: 3 and 2), and a forward/backward pass at
+--batch-size samples. Prints medians and the per-repetition ratios
 check / mix and check / forward-backward (quartiles), so that a noisy machine shows in the spread.
 """
 
@@ -40,7 +41,7 @@ def bench(name, reps, batch_size):
     model = MODELS[name]()
     (group,) = FlatParameters(list(model.parameters())).groups
     received = [group.flat.clone() + 0.01 * k for k in (1, 2)]
-    screen = WeightScreen("raise", rank=0)
+    raise_, skip = WeightScreen("raise", rank=0), WeightScreen("skip", rank=0)
     ring, peer = MixingPlan(1 / 3, (1, 2), (1 / 3, 1 / 3)), MixingPlan(0.5, (1,), (0.5,))
     data, target = torch.randn(batch_size, 3, 32, 32), torch.randint(0, 10, (batch_size,))
 
@@ -51,8 +52,10 @@ def bench(name, reps, batch_size):
     ways = {
         "mix ring": lambda: group.mix(ring.self_weight, list(zip(ring.peer_weights, received))),
         "mix random peer": lambda: group.mix(peer.self_weight, list(zip(peer.peer_weights, received[:1]))),
-        "check ring": lambda: screen.weights(ring, [group.flat], [received], step=0),
-        "check random peer": lambda: screen.weights(peer, [group.flat], [received[:1]], step=0),
+        "check ring": lambda: raise_.weights(ring, [group.flat], [received], step=0),
+        "check random peer": lambda: raise_.weights(peer, [group.flat], [received[:1]], step=0),
+        "check ring, skip": lambda: skip.weights(ring, [group.flat], [received], step=0),
+        "check random peer, skip": lambda: skip.weights(peer, [group.flat], [received[:1]], step=0),
         "forward/backward": fwd_bwd,
     }
     inner = {k: (2 if k == "forward/backward" else 20) for k in ways}
@@ -68,10 +71,11 @@ def bench(name, reps, batch_size):
     for k, v in got.items():
         print(f"  {k:20s} {quartiles(v)} ms")
     for topo in ("ring", "random peer"):
-        check = got[f"check {topo}"]
-        print(f"  check / mix, {topo:11s}         {quartiles([c / m for c, m in zip(check, got[f'mix {topo}'])])}")
-        print(f"  check / fwd+bwd, {topo:11s}     "
-              f"{quartiles([c / s for c, s in zip(check, got['forward/backward'])])}")
+        for policy in ("", ", skip"):
+            check, what = got[f"check {topo}{policy}"], f"{topo}{policy}"
+            print(f"  check / mix, {what:17s}      {quartiles([c / m for c, m in zip(check, got[f'mix {topo}'])])}")
+            print(f"  check / fwd+bwd, {what:17s}  "
+                  f"{quartiles([c / s for c, s in zip(check, got['forward/backward'])])}")
 
 
 def main():

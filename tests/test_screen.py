@@ -65,14 +65,18 @@ def test_skip_replaces_own_non_finite_weights_by_the_finite_neighbours_average()
     assert screen.rejected == {1: 3, 0: 2, 2: 1}
 
 
-def test_raise_names_the_source_ranks_and_the_step():
+def test_raise_names_the_source_ranks_and_the_step_checking_only_what_was_received():
     screen = WeightScreen("raise", rank=3)
     p = plan(0.5, [2, 4], [0.25, 0.25])
     bad = torch.tensor([float("nan")])
     with pytest.raises(NonFiniteError, match=r"rank 3: at step 11 the weights of ranks 2, 4 are NaN or infinite"):
         screen.weights(p, [torch.ones(1)], [[bad, bad]], step=11)
-    with pytest.raises(NonFiniteError, match=r"weights of rank 2 and this learner \(rank 3\)"):
+    with pytest.raises(NonFiniteError, match=r"the weights of rank 2 are NaN"):
         screen.weights(p, [bad], [[bad, torch.ones(1)]], step=11)
+    # its own weights are this learner's gradient check's business (and its neighbours')
+    assert screen.weights(p, [bad], [[torch.ones(1), torch.ones(1)]], step=11) == (0.5, (0.25, 0.25))
+    with pytest.raises(NonFiniteError, match=r"weights of rank 2 and this learner \(rank 3\)"):
+        screen.reject([2, 3], step=11)  # full averaging names every non-finite rank, itself included
 
 
 @pytest.mark.parametrize("peers", [[(1.0, 2.0)], [(0.5, 2.0), (0.5, 4.0)]])

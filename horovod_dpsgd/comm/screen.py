@@ -1,15 +1,17 @@
 """Non-finite weights kept out of the mix (``nonfinite="raise"`` or ``"skip"``).
 
 Mixing is an average: one learner's NaN or infinite weights would reach each of its neighbours at the next
-step and, a few steps later, every learner. So before a learner mixes, it checks the weights it is about to
-average, its own and those it received, with one reduction per buffer (a sum, in at least float32: a NaN
-or infinity anywhere makes it non-finite) and one host synchronisation for all of them; a sum that overflows
-although every element is finite is confirmed element by element, so there are no false alarms.
+step and, a few steps later, every learner. So before a learner mixes, it checks the weights it received with
+one reduction per buffer (a sum, in at least float32: a NaN or infinity anywhere makes it non-finite) and one
+host synchronisation for all of them; a sum that overflows although every element is finite is confirmed
+element by element, so there are no false alarms. With ``"skip"`` it checks its own weights too (one more
+reduction), so that a learner whose own weights went non-finite can rejoin.
 
 What happens to non-finite weights:
 
-* ``"raise"``: :class:`~horovod_dpsgd.NonFiniteError` naming the learner(s) and the step, on every learner
-  that was about to mix them (so the job stops before they spread).
+* ``"raise"``: :class:`~horovod_dpsgd.NonFiniteError` naming the source rank(s) and the step, on every learner
+  that received them (so the job stops before they spread). The source itself raises too: its gradient, taken
+  at its non-finite weights, is not finite (or, with full averaging, every rank names it).
 * ``"skip"``: they are left out of this step's mix and the remaining weights renormalised,
   ``w_s,j = sum_{k finite} W_jk w_k / sum_{k finite} W_jk``. A learner whose own weights are non-finite thus
   takes its finite neighbours' average and rejoins training. The first time each source is left out a
@@ -54,15 +56,17 @@ class WeightScreen:
                 step: int) -> Optional[Tuple[float, Tuple[float, ...]]]:
         """``(self_weight, peer_weights)`` to mix with: ``plan``'s, with non-finite weights left out.
 
-        ``own[g]`` is this learner's buffer of dtype group ``g``, ``received[g][i]`` the one from
-        ``plan.peers[i]``. Returns None when nothing finite is left to mix (the weights stay as they are).
+        ``own[g]`` is this learner's buffer of dtype group ``g`` (checked with ``"skip"`` only),
+        ``received[g][i]`` the one from ``plan.peers[i]``. Returns None when nothing finite is left to mix (the
+        weights stay as they are).
         """
-        groups, peers = len(own), len(plan.peers)
-        flags = finite(list(own) + [b for bufs in received for b in bufs])
+        mine = list(own) if self.policy == "skip" else []  # "raise": what was received (the source raises too)
+        groups, peers = len(received), len(plan.peers)
+        flags = finite(mine + [b for bufs in received for b in bufs])
         if all(flags):
             return plan.self_weight, plan.peer_weights
-        own_ok = all(flags[:groups])
-        peer_ok = [all(flags[groups + g * peers + i] for g in range(groups)) for i in range(peers)]
+        own_ok, flags = all(flags[:len(mine)]), flags[len(mine):]
+        peer_ok = [all(flags[g * peers + i] for g in range(groups)) for i in range(peers)]
         self.reject(([] if own_ok else [self.rank]) + [p for p, ok in zip(plan.peers, peer_ok) if not ok], step)
         self_weight = plan.self_weight if own_ok else 0.0
         peer_weights = [w if ok else 0.0 for w, ok in zip(plan.peer_weights, peer_ok)]
