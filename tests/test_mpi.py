@@ -168,7 +168,8 @@ def test_nan_weights_of_one_learner_are_kept_out_of_every_mix_with_nonfinite_ski
             step = "at step 2" if topology != "random_peer" else "at step "  # a random peer may match it later
             assert any(f"rank {rank}: left " in w and (" from rank 1 " in w or rank == 1) and step in w
                        for w in r["warnings"]), r["warnings"]
-    assert ranks[1]["skipped"] == 1                           # its gradient, taken at NaN weights, was NaN
+    # its gradient, taken at NaN weights, was NaN: once, or while a random peer left it unmatched
+    assert ranks[1]["skipped"] == 1 if topology != "random_peer" else ranks[1]["skipped"] >= 1
     if topology != "random_peer":                             # (a random peer may leave rank 1 unmatched)
         n = report["size"]
         neighbours = set(range(n)) if topology == "full" else {0, 1, 2 % n}
