@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Install Horovod's own PyTorch examples into DEST (scripts/setup.sh: $VENV/share/horovod-VERSION), for
-# tests/test_horovod_examples.py, which runs them with the one-line swap to horovod_dpsgd.DistributedOptimizer.
+# tests/integration/test_horovod_examples.py, which runs them with the one-line swap to horovod_dpsgd.DistributedOptimizer.
 #
 # They are Horovod's files (Apache-2.0) and are not committed to this repository. Each is checked against
-# tests/horovod_examples.sha256 (the files at Horovod's tag v0.28.1), taken from the first source that has them all:
+# tests/support/horovod_examples.sha256 (the files at Horovod's tag v0.28.1), taken from the first source that has them all:
 #   1. $HOROVOD_SOURCE: a copy of Horovod's repository at tag v0.28.1 (or any folder with its examples/ and LICENSE);
 #   2. Horovod's source distribution (SDIST, downloaded if missing), when it carries examples/ (0.28.1's does not);
 #   3. shared/third_party/horovod-VERSION inside or beside this checkout.
@@ -14,7 +14,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=$1 SDIST=$2 DEST=$3
 VERSION=0.28.1
-SUMS="$ROOT/tests/horovod_examples.sha256"
+SUMS="$ROOT/tests/support/horovod_examples.sha256"
 
 complete() { [ -d "$1" ] && (cd "$1" && sha256sum --quiet --check "$SUMS") >/dev/null 2>&1; }
 
@@ -45,5 +45,5 @@ for SRC in ${HOROVOD_SOURCE:+"$HOROVOD_SOURCE"} "$UNPACKED/horovod-$VERSION" \
     fi
 done
 echo "==> [setup] NOTE: Horovod $VERSION's examples are not installed: its source distribution does not ship them." \
-     "tests/test_horovod_examples.py fails until they are; run again with HOROVOD_SOURCE=<a copy of Horovod's" \
+     "tests/integration/test_horovod_examples.py fails until they are; run again with HOROVOD_SOURCE=<a copy of Horovod's" \
      "repository at tag v$VERSION> (see docs/horovod_examples.md)" >&2

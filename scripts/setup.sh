@@ -92,7 +92,7 @@ if ! echo "$CHECK" | grep -q "\[X\] PyTorch"; then
     CHECK=$("$VENV/bin/horovodrun" --check-build)
 fi
 
-# 3b. Horovod's own PyTorch examples (not committed here), for tests/test_horovod_examples.py; see the script.
+# 3b. Horovod's own PyTorch examples (not committed here), for tests/integration/test_horovod_examples.py; see the script.
 STEP="install Horovod $HOROVOD_VERSION's examples (scripts/horovod_examples.sh)"
 bash "$ROOT/scripts/horovod_examples.sh" "$PY" "$SDIST" "$VENV/share/horovod-$HOROVOD_VERSION"
 

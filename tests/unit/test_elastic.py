@@ -1,6 +1,6 @@
 """Elastic Horovod with algorithm='dpsgd' is refused at construction, saying why and what to do instead
 (docs/api.md, "Elastic Horovod"). horovodrun's elastic driver sets HOROVOD_ELASTIC=1 in every worker; here a
-one-process Horovod world with that variable stands in for a worker (tests/test_horovod_examples.py runs
+one-process Horovod world with that variable stands in for a worker (tests/integration/test_horovod_examples.py runs
 Horovod's elastic examples themselves)."""
 
 import pytest

@@ -1,7 +1,7 @@
 """Checkpoints that cannot lie (issue 15, part 1): damaged, mixed and half-written checkpoints raise the same
 clear error on every rank, naming the file and the rank; a crash in the middle of a save keeps the previous one.
 
-The scenarios run in tests/mpi/checkpoints.py (np = 2, one launch for all of them); each test asserts on what
+The scenarios run in tests/integration/jobs/checkpoints.py (np = 2, one launch for all of them); each test asserts on what
 every rank saw.
 """
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.mpi
 @pytest.fixture(scope="module")
 def seen(tmp_path_factory):
     out = tmp_path_factory.mktemp("checkpoints") / "report.json"
-    proc = horovodrun(2, ["tests/mpi/checkpoints.py", str(out)], timeout=240)
+    proc = horovodrun(2, ["tests/integration/jobs/checkpoints.py", str(out)], timeout=240)
     assert proc.returncode == 0, proc.stdout[-5000:]
     return json.loads(out.read_text())
 
@@ -52,10 +52,10 @@ def test_a_save_that_fails_on_one_rank_fails_on_every_rank_and_keeps_the_previou
 
 def test_a_learner_killed_in_the_middle_of_a_save_leaves_the_previous_checkpoint_whole(tmp_path):
     out = tmp_path / "report.json"
-    killed = horovodrun(2, ["tests/mpi/checkpoints.py", str(out), "kill_during_save"], timeout=120)
+    killed = horovodrun(2, ["tests/integration/jobs/checkpoints.py", str(out), "kill_during_save"], timeout=120)
     assert killed.returncode != 0
     assert os.path.exists(tmp_path / "rank1-wrote"), killed.stdout[-3000:]  # rank 1 wrote its new file
-    resumed = horovodrun(2, ["tests/mpi/checkpoints.py", str(out), "resume_after_kill"], timeout=120)
+    resumed = horovodrun(2, ["tests/integration/jobs/checkpoints.py", str(out), "resume_after_kill"], timeout=120)
     assert resumed.returncode == 0, resumed.stdout[-5000:]
     # both ranks at the first save's step: not rank 1 at step 6 and rank 0 at step 3
     assert json.loads(out.read_text())["resume_after_kill"] == [{"ok": {"step": 3, "extra": {"epoch": 1}}}] * 2

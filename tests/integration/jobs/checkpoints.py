@@ -1,12 +1,13 @@
-"""Checkpoints that cannot lie: ``horovodrun -np 2 python tests/mpi/checkpoints.py OUT.json [SCENARIO ...]``.
+"""Checkpoints that cannot lie: ``horovodrun -np 2 python tests/integration/jobs/checkpoints.py OUT.json [SCENARIO ...]``.
 
 Each scenario saves a checkpoint, damages it the way a disk, a user or a crash would, then loads it on every
 rank. Rank 0 writes, per scenario, what *every* rank saw (``{"ok": ...}`` or the exception's type and message)
-to OUT.json; tests/test_checkpoint.py asserts on it. Scenarios ``kill_during_save`` and ``resume_after_kill``
+to OUT.json; tests/integration/test_checkpoint.py asserts on it. Scenarios ``kill_during_save`` and ``resume_after_kill``
 are two launches of one story: rank 0 dies in the middle of the second save, then the job is relaunched.
 """
 
 import glob
+import json
 import os
 import signal
 import struct
@@ -16,13 +17,22 @@ import zipfile
 import torch
 import horovod.torch as hvd
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import horovod_dpsgd as hd  # noqa: E402
-from mpi.common import batch, report  # noqa: E402
+import horovod_dpsgd as hd
 
 hvd.init()
 RANK, SIZE = hvd.rank(), hvd.size()
 OUT = os.path.dirname(os.path.abspath(sys.argv[1]))
+
+
+def batch(rank: int, t: int, size: int = 16):
+    g = torch.Generator().manual_seed(100_000 * t + rank)
+    return torch.randn(size, 8, generator=g), torch.randint(0, 3, (size,), generator=g)
+
+
+def report(results: dict) -> None:
+    if RANK == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(results, f, indent=1)
 
 
 def make():

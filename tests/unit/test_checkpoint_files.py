@@ -1,6 +1,6 @@
 """The checkpoint format in one process (Horovod world of 1): the manifest, its checksums, what load_average
 verifies, and the errors for directories that are not (or no longer) checkpoints. Multi-rank behaviour:
-tests/test_checkpoint.py."""
+tests/integration/test_checkpoint.py."""
 
 import hashlib
 import json

@@ -3,7 +3,7 @@
 changed otherwise only where a test must (a thread count); data come from the command line.
 
 Horovod's files are not part of this repository: scripts/setup.sh installs them into the virtual environment
-(``share/horovod-0.28.1/``) and every copy is checked against tests/horovod_examples.sha256, the SHA-256 of the
+(``share/horovod-0.28.1/``) and every copy is checked against tests/support/horovod_examples.sha256, the SHA-256 of the
 files at Horovod's tag v0.28.1. ``HOROVOD_EXAMPLES_DIR`` points the tests elsewhere. Which examples run, and
 which do not and why: docs/horovod_examples.md.
 """
@@ -23,7 +23,7 @@ from launch import REPO, run
 pytestmark = pytest.mark.mpi
 
 HOROVOD_DIR = Path(os.environ.get("HOROVOD_EXAMPLES_DIR") or Path(sys.prefix) / "share" / "horovod-0.28.1")
-SUMS = dict(reversed(line.split()) for line in (REPO / "tests" / "horovod_examples.sha256").read_text().splitlines())
+SUMS = dict(reversed(line.split()) for line in (REPO / "tests" / "support" / "horovod_examples.sha256").read_text().splitlines())
 SWAP = ("hvd.DistributedOptimizer(", "horovod_dpsgd.DistributedOptimizer(")
 IMPORT = ("import horovod.torch as hvd\n", "import horovod.torch as hvd\nimport horovod_dpsgd\n")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 cores: one torch thread per learner, without touching the file

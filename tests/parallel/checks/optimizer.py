@@ -1,7 +1,8 @@
 """Invariants of horovod_dpsgd.DistributedOptimizer over real MPI processes.
 
-Run as ``horovodrun -np N python tests/mpi/checks.py OUT.json``; rank 0 writes one entry per
-check to OUT.json and tests/test_mpi.py asserts on them.
+Each ``@check`` is one named check; tests/parallel/test_optimizer.py asserts on its result.
+Run by tests/parallel/checks/run.py: ``horovodrun -np N python tests/parallel/checks/run.py OUT.json optimizer
+[CHECK ...]`` (the OUT.json path is ``sys.argv[1]``; checks that write files put them beside it).
 """
 
 import copy
@@ -11,31 +12,18 @@ import os
 import sys
 import threading
 import time
-import traceback
 import warnings
 
 import numpy as np
 import torch
 import horovod.torch as hvd
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import horovod_dpsgd as hd  # noqa: E402
-from mpi.common import all_weights, batch, loss_fn, make_model, report  # noqa: E402
-from reference import dpsgd_reference  # noqa: E402
+import horovod_dpsgd as hd
+from common import all_weights, batch, check, loss_fn, make_model
+from reference import dpsgd_reference
 
 hvd.init()
 RANK, SIZE = hvd.rank(), hvd.size()
-results = {"size": SIZE}
-
-
-def check(name):
-    def wrap(fn):
-        try:
-            results[name] = fn()
-        except Exception:  # recorded; the test shows the traceback
-            results[name] = {"error": traceback.format_exc()}
-        return fn
-    return wrap
 
 
 def sgd(model, **kw):
@@ -442,5 +430,3 @@ def load_other_world_size():
 
 
 check("error_checkpoint_world_size")(lambda: expect_error(load_other_world_size, hd.checkpoint.CheckpointError))
-
-report(results)
