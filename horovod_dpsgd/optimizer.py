@@ -7,6 +7,7 @@ Like Horovod, it returns an instance of a class made for the user's optimizer cl
 ``isinstance(opt, torch.optim.SGD)`` holds and the algorithm's ``super()`` reaches the user's update.
 """
 
+import os
 import warnings
 from typing import Any, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -24,6 +25,7 @@ from horovod_dpsgd import topology as topologies
 from horovod_dpsgd.comm.agreement import agree_at_construction, describe, warn_if_order_unchecked
 from horovod_dpsgd.comm.averaging import NeighbourAverager, check_floating, check_launch
 from horovod_dpsgd.comm.liveness import watch_launcher
+from horovod_dpsgd.errors import MPIEnvironmentError
 from horovod_dpsgd.options import ALGORITHMS, Options
 from horovod_dpsgd.topology import Topology
 
@@ -65,6 +67,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         algorithm, topology, callbacks, seed, timeout, overlap, cuda_aware, nonfinite:
             the plugin's settings, keyword-only; see :class:`horovod_dpsgd.Options`.
     """
+    if algorithm == "dpsgd":
+        _refuse_elastic()  # before any collective: an elastic job has no MPI world to agree over
     rank, size = hvd.rank(), hvd.size()
     # Validate locally, then agree with the other ranks in one collective: an invalid argument on one rank, or
     # settings that differ between ranks, raise the same error on every rank instead of leaving the others waiting.
@@ -153,6 +157,19 @@ def _check_horovod_arguments(op, gradient_predivide_factor: float, num_groups: i
         raise ValueError("algorithm='dpsgd' trains over the global process set; pass algorithm='ssgd' to "
                          "reduce over a process set")
     return groups
+
+
+def _refuse_elastic() -> None:
+    """DPSGD cannot run under Elastic Horovod: say so, and what to do instead (docs/api.md, "Elastic Horovod")."""
+    if os.environ.get("HOROVOD_ELASTIC") == "1":  # set by horovodrun's elastic driver in every worker
+        raise MPIEnvironmentError(
+            "algorithm='dpsgd' does not support Elastic Horovod (horovodrun --min-np/--max-np/--host-discovery-script, "
+            "hvd.elastic.run): an elastic job runs over Gloo without MPI and changes its number of learners while it "
+            "runs, whereas DPSGD exchanges each learner's own weights with fixed neighbours over MPI, and a learner "
+            "that leaves takes its weights with it. Either launch a fixed-size job, `horovodrun -np N python "
+            "script.py` without --min-np, --max-np and --host-discovery-script, and restart it from per-learner "
+            "checkpoints (horovod_dpsgd.checkpoint) after a failure; or keep the elastic launch and pass "
+            "algorithm='ssgd' (Horovod's gradient allreduce, which elastic jobs support)")
 
 
 def _subclass(optimizer: torch.optim.Optimizer, algorithm: type) -> type:

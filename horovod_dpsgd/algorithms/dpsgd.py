@@ -11,7 +11,7 @@ what is still in flight, mixes in place, then applies the wrapped optimizer's up
 stay each learner's own).
 """
 
-from typing import Protocol
+from typing import Dict, Protocol
 
 import torch
 
@@ -101,6 +101,13 @@ class DPSGD(Algorithm):
         self._averager.drain()
         super().load_state_dict(state_dict)
         self._passes = dict.fromkeys(self._passes, 0)
+
+    @property
+    def rejected_weights(self) -> Dict[int, int]:
+        """``{rank: count}``: how many times each learner's non-finite weights were left out of this learner's
+        mix (``nonfinite="skip"``; see :mod:`horovod_dpsgd.comm.screen`)."""
+        screen = getattr(self._averager, "screen", None)
+        return dict(screen.rejected) if screen is not None else {}
 
     @property
     def topology(self) -> topologies.Topology:

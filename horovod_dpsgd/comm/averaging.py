@@ -18,6 +18,7 @@ from horovod_dpsgd.comm.buffers import FlatParameters
 from horovod_dpsgd.comm.agreement import resolve_step
 from horovod_dpsgd.comm.exchange import Exchange, ExchangeHandle, Transfer, abort_job_on_uncaught_exception
 from horovod_dpsgd.comm import liveness
+from horovod_dpsgd.comm.screen import WeightScreen, finite
 from horovod_dpsgd.errors import MPIEnvironmentError, ParameterMismatchError
 from horovod_dpsgd.options import Options
 
@@ -61,16 +62,19 @@ class NeighbourAverager:
         "flat", "exchange", "compression",
         # this optimizer's place among the learners that announce when they leave
         "membership",
+        # what may be mixed: the non-finite weights check (None: nonfinite="ignore")
+        "screen",
         # the step in flight
         "_plan", "_handle",
         "__weakref__",
     )
 
     def __init__(self, flat: FlatParameters, exchange: Exchange, topology: topologies.Topology, *, rank: int,
-                 size: int, compression: Compressor, membership: Optional[liveness.Membership] = None):
+                 size: int, compression: Compressor, membership: Optional[liveness.Membership] = None,
+                 screen: Optional[WeightScreen] = None):
         self.topology, self.rank, self.size = topology, rank, size
         self.flat, self.exchange, self.compression = flat, exchange, compression
-        self.membership = membership
+        self.membership, self.screen = membership, screen
         self._plan: Optional[topologies.MixingPlan] = None
         self._handle: Optional[ExchangeHandle] = None
         # The communication thread ends with the averager. Not at interpreter exit: the daemon thread
@@ -87,8 +91,10 @@ class NeighbourAverager:
         abort_job_on_uncaught_exception()  # from here on, a rank that fails ends the job
         flat = FlatParameters([p for _, p in named], cuda_aware=options.cuda_aware)
         exchange = Exchange(comm, options.timeout, options.overlap, check=membership.check)
-        return cls(flat, exchange, topology, rank=comm.Get_rank(), size=comm.Get_size(), compression=compression,
-                   membership=membership)
+        rank = comm.Get_rank()
+        screen = None if options.nonfinite == "ignore" else WeightScreen(options.nonfinite, rank)
+        return cls(flat, exchange, topology, rank=rank, size=comm.Get_size(), compression=compression,
+                   membership=membership, screen=screen)
 
     def agree_on_step(self, step: int, restored: bool) -> int:
         """The step every rank continues from (collective, at the first exchange after construction): fresh ranks
@@ -121,18 +127,46 @@ class NeighbourAverager:
 
     @torch.no_grad()
     def finish(self) -> None:
-        """Wait for the peers' weights and set the parameters to ``w_s,j(t) = sum_k W_jk(t) w_k(t)``."""
+        """Wait for the peers' weights and set the parameters to ``w_s,j(t) = sum_k W_jk(t) w_k(t)``.
+
+        Unless ``nonfinite="ignore"``, the weights about to be mixed are checked first and non-finite ones raise
+        or are left out (:mod:`horovod_dpsgd.comm.screen`)."""
         handle, plan = self._handle, self._plan
         if handle is None:  # no peer this step (e.g. the unmatched learner of an odd world)
             return
         handle.wait()
         self._handle = None
-        for group, transfer in zip(self.flat.groups, handle.transfers):
-            if plan.collective:
-                group.set_average(transfer.recv[0], self.size)
-            else:
-                group.mix(plan.self_weight, [(w, self.compression.decompress(r, group.dtype))
-                                             for w, r in zip(plan.peer_weights, transfer.recv)])
+        groups = self.flat.groups
+        if plan.collective:
+            sums, count = [t.recv[0] for t in handle.transfers], self.size
+            if self.screen is not None and not all(finite(sums)):
+                sums, count = self._sum_of_finite(handle.step)
+            for group, total in zip(groups, sums if count else ()):
+                group.set_average(total, count)
+            return
+        weights = plan.self_weight, plan.peer_weights
+        if self.screen is not None:
+            weights = self.screen.weights(plan, [g.send for g in groups], [t.recv for t in handle.transfers],
+                                          handle.step)
+            if weights is None:  # nothing finite to mix
+                return
+        for group, transfer in zip(groups, handle.transfers):
+            group.mix(weights[0], [(w, self.compression.decompress(r, group.dtype))
+                                   for w, r in zip(weights[1], transfer.recv) if w])
+
+    def _sum_of_finite(self, step: int) -> Tuple[List[torch.Tensor], int]:
+        """Full averaging met a non-finite sum (every rank sees the same sum, so every rank is here): one more
+        allreduce gathers who is not finite and sums the weights of those who are. Returns (sums, count)."""
+        own_finite = all(finite([g.send for g in self.flat.groups]))
+        flags = torch.zeros(self.size, dtype=torch.float64)
+        flags[self.rank] = 0.0 if own_finite else 1.0
+        transfers = [Transfer(flags, None, [torch.empty_like(flags)])]
+        transfers += [Transfer(g.send if own_finite else torch.zeros_like(g.send), None, [g.sum_buffer()])
+                      for g in self.flat.groups]
+        self.exchange.start(transfers, step).wait()
+        bad = [r for r, flag in enumerate(transfers[0].recv[0].tolist()) if flag]
+        self.screen.reject(bad, step)
+        return [t.recv[0] for t in transfers[1:]], self.size - len(bad)
 
     def drain(self) -> None:
         """Complete an exchange in flight without mixing (e.g. before loading a checkpoint)."""
