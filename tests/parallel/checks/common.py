@@ -1,11 +1,29 @@
-"""Shared pieces of the multi-process check scripts (run under horovodrun / mpirun)."""
+"""Shared pieces of the multi-process check modules (run on every rank under horovodrun).
 
-import json
-import sys
+A check module initialises Horovod at import, the way its checks need, and registers each check
+with ``@check("name")``; tests/parallel/checks/run.py runs the ones a pytest session selected.
+"""
+
+from typing import Callable, Dict
 
 import torch
 import horovod.torch as hvd
 from torch.nn.utils import parameters_to_vector
+
+
+#: name -> check, in the order the check module defines them (the order run.py runs them in).
+CHECKS: Dict[str, Callable[[], object]] = {}
+
+
+def check(name: str):
+    """Register a check: a function of no arguments, called on every rank, whose rank-0 return value
+    (JSON-serialisable) is what tests/parallel asserts on. It may use Horovod's collectives."""
+    def register(fn: Callable[[], object]) -> Callable[[], object]:
+        if name in CHECKS:
+            raise ValueError(f"two checks are named {name!r}")
+        CHECKS[name] = fn
+        return fn
+    return register
 
 
 def make_model(seed: int = 0, hidden: int = 16) -> torch.nn.Module:
@@ -32,9 +50,3 @@ def all_weights(model) -> torch.Tensor:
     _calls[0] += 1
     return hvd.allgather(flat.unsqueeze(0), name=f"weights.{_calls[0]}")
 
-
-def report(results: dict) -> None:
-    """Rank 0 writes results as JSON to the path given on the command line."""
-    if hvd.rank() == 0:
-        with open(sys.argv[1], "w") as f:
-            json.dump(results, f, indent=1)
