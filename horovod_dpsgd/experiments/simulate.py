@@ -7,7 +7,6 @@ built after the same seeding), the same optimizer settings, callbacks, topology 
 TensorBoard tags.
 """
 
-import os
 from typing import Iterator, Tuple
 
 import click
