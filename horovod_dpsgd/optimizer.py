@@ -7,6 +7,7 @@ Like Horovod, it returns an instance of a class made for the user's optimizer cl
 ``isinstance(opt, torch.optim.SGD)`` holds and the algorithm's ``super()`` reaches the user's update.
 """
 
+import functools
 import os
 import warnings
 from typing import Any, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -19,7 +20,7 @@ from horovod.torch.mpi_ops import Adasum, Average, global_process_set
 
 from horovod_dpsgd.algorithms.base import named_trainable
 from horovod_dpsgd.algorithms.dpsgd import DPSGD
-from horovod_dpsgd.algorithms.ssgd import SSGD
+from horovod_dpsgd.algorithms.ssgd import SSGD, HorovodAllreduce
 from horovod_dpsgd.callbacks import Callback
 from horovod_dpsgd import topology as topologies
 from horovod_dpsgd.comm.agreement import agree_at_construction, describe, warn_if_order_unchecked
@@ -97,7 +98,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                        sparse_as_dense=sparse_as_dense, process_set=process_set)
         if op == Adasum and size > 1:  # Adasum reduces the updates, not the gradients: Horovod's own class
             return hvd.DistributedOptimizer(optimizer, **horovod)
-        return _subclass(optimizer, SSGD)(optimizer.param_groups, horovod=horovod, **base)
+        return _subclass(optimizer, SSGD)(optimizer.param_groups,
+                                          gradients=functools.partial(HorovodAllreduce, horovod=horovod), **base)
 
     check_launch(size)
     averager = NeighbourAverager.create(named, options, compression, local.topology, comm)
@@ -172,8 +174,9 @@ def _refuse_elastic() -> None:
             "algorithm='ssgd' (Horovod's gradient allreduce, which elastic jobs support)")
 
 
-def _subclass(optimizer: torch.optim.Optimizer, algorithm: type) -> type:
-    """``type(optimizer)`` with the algorithm mixin before it, under the user's class name (as Horovod)."""
+def _subclass(optimizer: torch.optim.Optimizer, *mixins: type) -> type:
+    """``type(optimizer)`` with the mixins before it, under the user's class name (as Horovod)."""
     cls = type(optimizer)
+    algorithm = mixins[-1]
     doc = f"{cls.__module__}.{cls.__qualname__} under {algorithm.__name__}: {algorithm.__doc__}"
-    return type(cls.__name__, (algorithm, cls), {"__doc__": doc})
+    return type(cls.__name__, (*mixins, cls), {"__doc__": doc})

@@ -177,11 +177,17 @@ class Algorithm(torch.optim.Optimizer):
             "or the weights are not finite); lower the learning rate or add gradient clipping, or pass "
             "nonfinite='skip' to skip such updates")
 
+    def _contexts(self) -> Sequence[StepContext]:
+        """The learners whose step the callbacks see: this rank (the simulator's optimizer holds all ``n``)."""
+        return (StepContext(self, self._progress.t, self._rank, self._size, self._options.algorithm),)
+
     def _run_callbacks(self, hook: str) -> None:
+        """Call ``hook`` of every callback, in list order, for every learner this optimizer holds."""
         if self._options.callbacks:
-            ctx = StepContext(self, self._progress.t, self._rank, self._size, self._options.algorithm)
+            contexts = self._contexts()
             for cb in self._options.callbacks:
-                getattr(cb, hook)(ctx)
+                for ctx in contexts:
+                    getattr(cb, hook)(ctx)
 
     @property
     def step_count(self) -> int:

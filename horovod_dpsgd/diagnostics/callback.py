@@ -12,7 +12,7 @@ import math
 import numbers
 import os
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 import horovod.torch as hvd
@@ -21,7 +21,7 @@ from horovod_dpsgd.callbacks import Callback, StepContext
 from horovod_dpsgd.diagnostics import measure
 from horovod_dpsgd.diagnostics.quantities import eq3, gram, landscape_noise
 
-__all__ = ["NoiseDiagnostics", "TAGS"]
+__all__ = ["NoiseDiagnostics", "TAGS", "Collectives"]
 
 #: TensorBoard tag of each key of :attr:`NoiseDiagnostics.last` (``consensus/<layer>`` keys are tags already).
 TAGS = {"alpha_e": "noise/alpha_e", "alpha_e_over_alpha": "noise/alpha_e_over_alpha", "delta": "noise/delta",
@@ -41,6 +41,27 @@ def _average_(tensors: List[torch.Tensor], name: str) -> None:
 def _allgather_object(obj: Any, name: str) -> List[Any]:
     """``obj`` of every rank, in rank order (a seam the tests replace with a fake)."""
     return hvd.allgather_object(obj, name=f"horovod_dpsgd.diagnostics.{name}")
+
+
+class Collectives(Protocol):
+    """How the learners' measurements are combined: over MPI ranks with Horovod (the default), or among the
+    learners of a simulated run (:class:`horovod_dpsgd.sim.NoiseDiagnostics`)."""
+
+    def average_(self, tensors: List[torch.Tensor], name: str) -> None:
+        """Average ``tensors`` over learners, in place."""
+
+    def allgather_object(self, obj: Any, name: str) -> List[Any]:
+        """``obj`` of every learner, in learner order."""
+
+
+class _Horovod:
+    """The default :class:`Collectives`: Horovod's, through the module's seams."""
+
+    def average_(self, tensors: List[torch.Tensor], name: str) -> None:
+        _average_(tensors, name)
+
+    def allgather_object(self, obj: Any, name: str) -> List[Any]:
+        return _allgather_object(obj, name)
 
 
 @dataclasses.dataclass
@@ -98,11 +119,12 @@ class NoiseDiagnostics(Callback):
             ``loss_fn(model(inputs), targets)`` on the observed batch and the model draws no random numbers. A
             step where :meth:`observe` ran more than once, ``.grad`` changed after it (e.g. clipping), or the
             model drew random numbers (dropout) recomputes instead, with a warning.
+        collectives: how learners' values are averaged (:class:`Collectives`); default Horovod's.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor],
                  probe: Union[Batches, Callable[[int], Batches]], every: int = 50, log_dir: Any = None,
-                 hessian: bool = False, reuse_grad: bool = False):
+                 hessian: bool = False, reuse_grad: bool = False, collectives: Optional[Collectives] = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -117,7 +139,8 @@ class NoiseDiagnostics(Callback):
         self.model, self.loss_fn, self.probe = model, loss_fn, probe
         self.every, self.hessian, self.reuse_grad = int(every), bool(hessian), bool(reuse_grad)
         self._log_dir, self._writer, self._owns_writer = log_dir, None, False
-        self._probe = measure.Probe(probe, _allgather_object)
+        self._collectives = _Horovod() if collectives is None else collectives
+        self._probe = measure.Probe(probe, self._collectives.allgather_object)
         self._batch = measure.ObservedBatch()
         self._work = measure.Workspace()
         self._started: Optional[_Started] = None
@@ -162,7 +185,8 @@ class NoiseDiagnostics(Callback):
         """At ``w_j(t)``: the mean ``w_a(t)``, ``g`` at it, Eq. 4's gradient difference, per-learner sums."""
         params, n, dpsgd = list(ctx.parameters()), ctx.size, ctx.algorithm != "ssgd"
         dtype = functools.reduce(torch.promote_types, (p.dtype for p in params), torch.float32)
-        w_a, with_diff = measure.mean_weights(params, batch is not None, n, self._work, dtype, _average_) \
+        w_a, with_diff = measure.mean_weights(params, batch is not None, n, self._work, dtype,
+                                              self._collectives.average_) \
             if dpsgd else (None, False)
         probe, scale, average_g = self._probe.share(ctx.step, ctx.rank, n)
         vectors, averaged = self._work.vectors(params, dtype, average_g=average_g, with_diff=with_diff, dpsgd=dpsgd)
@@ -208,7 +232,7 @@ class NoiseDiagnostics(Callback):
         """At ``w_j(t + 1)``: the displacement, the averages over learners, and the quantities of Eq. 3-4."""
         params, n, dpsgd = list(ctx.parameters()), ctx.size, ctx.algorithm != "ssgd"
         measure.subtract_from(s.vectors["d"], params)                 # d_j = w_j(t) - w_j(t + 1)
-        _average_([s.averaged, s.sums] if s.averaged.numel() else [s.sums], "gradients")
+        self._collectives.average_([s.averaged, s.sums] if s.averaged.numel() else [s.sums], "gradients")
         sums = (s.sums * n).tolist()
         d, g, g_a = s.vectors["d"], s.vectors["g"], s.vectors["g_j"]  # averaged: dW_a, g, g_a
         dots = gram([d, g_a, g])

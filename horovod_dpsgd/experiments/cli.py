@@ -1,7 +1,9 @@
 """``horovod-dpsgd``: train, compare algorithms, inspect topologies and loss landscapes.
 
     horovodrun -np 4 horovod-dpsgd train --algorithm dpsgd --topology ring
+    horovod-dpsgd train --engine sim --np 4 --algorithm dpsgd --topology ring   # the same run, simulated
     horovod-dpsgd compare --np 4                # SSGD vs DPSGD vs SSGD*, as separate horovodrun jobs
+    horovod-dpsgd compare --np 4 --engine sim   # ... each simulated in this process
     horovod-dpsgd topology ring:2 --size 6
 
 The options of ``train`` and ``compare`` are generated from :class:`~.config.TrainConfig`, the one schema of a
@@ -27,8 +29,9 @@ from horovod_dpsgd.experiments.launch import horovodrun_command, horovodrun_env,
 #: ``train`` has an option for every field of TrainConfig.
 TRAIN_KEYS = setting_names() + output_names()
 #: What ``compare --run`` may vary, and ``compare``'s options for all runs: the settings but the seed (each seed
-#: of ``--seeds`` is a run of its own); the outputs are placed in ``--out`` for each run.
-COMPARE_KEYS = tuple(name for name in setting_names() if name != "seed")
+#: of ``--seeds`` is a run of its own) and the number of learners (``compare --np``); the outputs are placed in
+#: ``--out`` for each run.
+COMPARE_KEYS = tuple(name for name in setting_names() if name not in ("seed", "np"))
 _TRAIN_HINT = "horovodrun -np N horovod-dpsgd train ..."
 #: Exit status of ``train`` when the run diverged (NaN/inf training loss or weights).
 EXIT_DIVERGED = 3
@@ -59,16 +62,17 @@ def main():
 @click_options(TRAIN_KEYS)
 @click.pass_context
 def train(ctx, config_file, **values):
-    """Train one configuration. Run it under horovodrun: horovodrun -np 4 horovod-dpsgd train ...
+    """Train one configuration. Run it under horovodrun: horovodrun -np 4 horovod-dpsgd train ...; or simulate
+    the learners in this process: horovod-dpsgd train --engine sim --np 4 ...
 
     The exact configuration is written as config.json into --log-dir and --checkpoint-dir, and as the first
     record of --metrics-file."""
     cfg = _config(ctx, config_file, values)
-    if cfg.algorithm == "dpsgd" and not started_by_launcher():
+    if cfg.engine == "mpi" and cfg.algorithm == "dpsgd" and not started_by_launcher():
         raise click.UsageError(
             "this is a single plain process, so DPSGD has no neighbours to average with: start one process per "
-            f"learner with horovodrun, e.g. `{_TRAIN_HINT}` (or pass --algorithm ssgd to train one learner here)",
-            ctx)
+            f"learner with horovodrun, e.g. `{_TRAIN_HINT}`, or simulate all learners in this process with "
+            "--engine sim --np N (or pass --algorithm ssgd to train one learner here)", ctx)
     from horovod_dpsgd.checkpoint import CheckpointError
     from horovod_dpsgd.experiments import training
     try:
@@ -118,7 +122,8 @@ class RunSpec(click.ParamType):
 @click.option("--timeout", type=click.IntRange(min=1), default=1800, show_default=True, help="Seconds per run.")
 @click.pass_context
 def compare(ctx, config_file, np_, runs, seeds, target_accuracy, out, timeout, **values):
-    """Run several configurations as separate horovodrun jobs and compare them."""
+    """Run several configurations as separate horovodrun jobs (or, with --engine sim, simulated in this process)
+    and compare them."""
     from horovod_dpsgd.experiments import reports as cmp
     base = _config(ctx, config_file, values)
     specs: List[Tuple[str, dict]] = list(runs) or [RunSpec().convert(r, None, None) for r in DEFAULT_RUNS]
@@ -145,12 +150,22 @@ def compare(ctx, config_file, np_, runs, seeds, target_accuracy, out, timeout, *
 
 def _compare_run(base: TrainConfig, name: str, changes: dict, seed: int, run_dir: Path, np_: int, timeout: int,
                  target_accuracy: float) -> dict:
-    """One horovodrun job of ``compare``: writes RUN_DIR/config.json, runs ``train --config`` on it, summarizes."""
+    """One run of ``compare``: writes RUN_DIR/config.json and runs ``train --config`` on it, as a horovodrun job
+    (or, with ``engine=sim``, in this process); summarizes its metrics."""
     from horovod_dpsgd.experiments import reports as cmp
-    cfg = base.replace(**changes, seed=seed, metrics_file=str(run_dir / "metrics.jsonl"), log_dir=str(run_dir / "tb"),
-                       checkpoint_dir=None, quiet=True)
+    cfg = base.replace(**changes, seed=seed, np=np_, metrics_file=str(run_dir / "metrics.jsonl"),
+                       log_dir=str(run_dir / "tb"), checkpoint_dir=None, quiet=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(str(run_dir / "config.json"))
+    if cfg.engine == "sim":
+        _simulated_run(cfg, name, seed, run_dir)
+    else:
+        _horovodrun_job(name, seed, run_dir, np_, timeout)
+    return cmp.summarize(name, seed, cmp.read_metrics(run_dir / "metrics.jsonl"), target_accuracy)
+
+
+def _horovodrun_job(name: str, seed: int, run_dir: Path, np_: int, timeout: int) -> None:
+    from horovod_dpsgd.experiments import reports as cmp
     cmd = horovodrun_command(np_, ["-m", "horovod_dpsgd.experiments.cli", "train", "--config",
                                    str(run_dir / "config.json")])
     click.echo(f"[{name} seed {seed}] {' '.join(shlex.quote(c) for c in cmd)}")
@@ -165,7 +180,25 @@ def _compare_run(base: TrainConfig, name: str, changes: dict, seed: int, run_dir
     if proc.returncode != 0 and not diverged:  # a diverged run exits non-zero (EXIT_DIVERGED) but is a result
         raise click.ClickException(f"run {name} seed {seed} failed (exit {proc.returncode}); "
                                    f"its output is in {run_dir / 'output.log'}:\n{proc.stdout[-3000:]}")
-    return cmp.summarize(name, seed, records, target_accuracy)
+
+
+def _simulated_run(cfg: TrainConfig, name: str, seed: int, run_dir: Path) -> None:
+    """``train --config RUN_DIR/config.json`` with ``engine=sim``, in this process (no start-up per run)."""
+    import contextlib
+    import io
+    import traceback
+    from horovod_dpsgd.experiments import training
+    click.echo(f"[{name} seed {seed}] horovod-dpsgd train --config {shlex.quote(str(run_dir / 'config.json'))}")
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output):
+            training.train(cfg)
+    except Exception as exc:  # a failed run stops compare, with its message and output
+        output.write(traceback.format_exc())
+        (run_dir / "output.log").write_text(output.getvalue())
+        raise click.ClickException(f"run {name} seed {seed} failed: {exc}; its output is in "
+                                   f"{run_dir / 'output.log'}") from None
+    (run_dir / "output.log").write_text(output.getvalue())
 
 
 @main.command()

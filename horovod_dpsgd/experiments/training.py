@@ -116,44 +116,49 @@ class _Progress:
             self.bar.render_finish()
 
 
-def _loaders(cfg: TrainConfig, train_set, test_set):
-    rank, size = hvd.rank(), hvd.size()
-    sampler = shard(train_set, rank, size, seed=cfg.seed)  # same number of steps on every learner
-    if isinstance(train_set, torch.utils.data.TensorDataset):  # in memory: fetch a whole batch in one indexing op
-        train_loader = torch.utils.data.DataLoader(
-            train_set, sampler=torch.utils.data.BatchSampler(sampler, cfg.batch_size, drop_last=True), batch_size=None)
-    else:
-        train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
-                                                   drop_last=True)
-    if len(train_loader) == 0:
-        raise click.UsageError(f"{len(train_set)} training samples give no full batch of {cfg.batch_size} per learner "
-                               f"on {size} learners; lower --batch-size")
-    test_shard = torch.utils.data.Subset(test_set, range(rank, len(test_set), size))
-    test_loader = torch.utils.data.DataLoader(test_shard, batch_size=max(cfg.batch_size, 256))
-    # g = grad L(w_a) of Eq. 3 is the gradient of the training loss: a fixed sample of the training set, the
-    # same on every rank (docs/diagnostics.md).
+def probe_batches(cfg: TrainConfig, train_set) -> list:
+    """The probe of the noise diagnostics: ``g = grad L(w_a)`` of Eq. 3 is the gradient of the training loss,
+    estimated on a fixed sample of the training set, the same for every learner (docs/diagnostics.md)."""
     probe_sampler = torch.utils.data.RandomSampler(train_set, generator=torch.Generator().manual_seed(cfg.seed))
     probe_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=probe_sampler)
-    probe = [b for _, b in zip(range(cfg.probe_batches), probe_loader)]
-    return sampler, train_loader, test_loader, probe
+    return [b for _, b in zip(range(cfg.probe_batches), probe_loader)]
+
+
+def shard_loader(cfg: TrainConfig, train_set, rank: int, size: int):
+    """Learner ``rank``'s sampler and loader of ``train_set``: the same shards and batches in both engines."""
+    sampler = shard(train_set, rank, size, seed=cfg.seed)  # same number of steps on every learner
+    if isinstance(train_set, torch.utils.data.TensorDataset):  # in memory: fetch a whole batch in one indexing op
+        loader = torch.utils.data.DataLoader(
+            train_set, sampler=torch.utils.data.BatchSampler(sampler, cfg.batch_size, drop_last=True), batch_size=None)
+    else:
+        loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True)
+    if len(loader) == 0:
+        raise click.UsageError(f"{len(train_set)} training samples give no full batch of {cfg.batch_size} per learner "
+                               f"on {size} learners; lower --batch-size")
+    return sampler, loader
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader) -> Tuple[float, float]:
-    """Test loss and accuracy of ``model`` over all ranks' shards (collective)."""
+def evaluation_totals(model: torch.nn.Module, loader) -> torch.Tensor:
+    """``[summed test loss, correct, count]`` of ``model`` over ``loader`` (float64)."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64)
     for data, target in loader:
         output = model(data)
         totals += torch.tensor([F.cross_entropy(output, target, reduction="sum").item(),
                                 (output.argmax(1) == target).sum().item(), len(target)], dtype=torch.float64)
-    totals = hvd.allreduce(totals, op=hvd.Sum, name="horovod_dpsgd.evaluate")
     model.train()
+    return totals
+
+
+def evaluate(model: torch.nn.Module, loader) -> Tuple[float, float]:
+    """Test loss and accuracy of ``model`` over all ranks' shards (collective)."""
+    totals = hvd.allreduce(evaluation_totals(model, loader), op=hvd.Sum, name="horovod_dpsgd.evaluate")
     return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
 
-def _check_topology(cfg: TrainConfig, size: int) -> None:
-    """Build the topology for the job's world size; the command line checked only its syntax."""
+def check_topology(cfg: TrainConfig, size: int) -> None:
+    """Build the topology for the run's number of learners; the command line checked only its syntax."""
     try:
         topology.from_name(cfg.topology, size=size, seed=cfg.seed)
     except topology.TopologyError as exc:
@@ -161,12 +166,89 @@ def _check_topology(cfg: TrainConfig, size: int) -> None:
                                  param_hint="--topology") from None
 
 
-def _end_of_epoch_evaluation(model, test_loader, epoch_sum: torch.Tensor, metrics: _Metrics, epoch: int, step: int,
+class _MPIRun:
+    """The learner of this process in a horovodrun job (rank ``rank`` of ``size``): its data shard, model and
+    :func:`horovod_dpsgd.DistributedOptimizer`. :class:`horovod_dpsgd.experiments.simulate.SimRun` is the same
+    for all learners in one process; :func:`train` drives either."""
+
+    def __init__(self, cfg: TrainConfig):
+        from horovod_dpsgd.experiments.data import get_dataset
+        from horovod_dpsgd.experiments.models import get_model
+        if not hvd.is_initialized():
+            hvd.init()
+        self.rank, self.size = hvd.rank(), hvd.size()
+        if cfg.np is not None and cfg.np != self.size:
+            raise click.BadParameter(f"--np {cfg.np} but horovodrun started {self.size} processes; give the same "
+                                     "number to both (or leave --np out)", param_hint="--np")
+        if cfg.algorithm == "dpsgd":
+            check_topology(cfg, self.size)
+        torch.manual_seed(cfg.seed)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // hvd.local_size()))
+        train_set, test_set = get_dataset(cfg.task, data_dir=cfg.data_dir, download=cfg.download)
+        self.sampler, self.train_loader = shard_loader(cfg, train_set, self.rank, self.size)
+        test_shard = torch.utils.data.Subset(test_set, range(self.rank, len(test_set), self.size))
+        self.test_loader = torch.utils.data.DataLoader(test_shard, batch_size=max(cfg.batch_size, 256))
+        self.probe = probe_batches(cfg, train_set)
+        self.model = get_model(cfg.model)
+        hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+        self.steps_per_epoch = len(self.train_loader)
+        self.optimizer = self.diagnostics = None
+
+    def build(self, cfg: TrainConfig, lr: float, callbacks: list, writer) -> None:
+        """The optimizer, with the noise diagnostics (logging to ``writer``) if ``cfg.diag_every``."""
+        if cfg.diag_every:
+            from horovod_dpsgd.diagnostics import NoiseDiagnostics
+            self.diagnostics = NoiseDiagnostics(self.model, F.cross_entropy, self.probe, every=cfg.diag_every,
+                                                log_dir=writer)
+            callbacks = callbacks + [self.diagnostics]
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
+        self.optimizer = DistributedOptimizer(optimizer, named_parameters=self.model.named_parameters(),
+                                              algorithm=cfg.algorithm, topology=cfg.topology, callbacks=callbacks,
+                                              seed=cfg.seed, nonfinite="ignore")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def batches(self):
+        return iter(self.train_loader)
+
+    def step(self, batch) -> torch.Tensor:
+        """One optimizer step on ``batch``; returns ``[loss, 1]`` (float64)."""
+        data, target = batch
+        self.optimizer.zero_grad()
+        loss = F.cross_entropy(self.model(data), target)
+        loss.backward()
+        if self.diagnostics is not None:
+            self.diagnostics.observe(data, target, loss)
+        self.optimizer.step()
+        return torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+
+    def total(self, values: torch.Tensor, name: str) -> torch.Tensor:
+        """``values`` summed over the learners (collective)."""
+        return hvd.allreduce(values, op=hvd.Sum, name=f"horovod_dpsgd.{name}")
+
+    def evaluate(self) -> Tuple[float, float]:
+        """Test loss and accuracy of the averaged model ``w_a`` (collective)."""
+        return evaluate(checkpoint.average_model(self.model), self.test_loader)
+
+    def finite(self) -> bool:
+        """Whether every learner's weights are finite (collective)."""
+        return finite_everywhere(self.model)
+
+    def save(self, directory: str, extra: dict) -> None:
+        checkpoint.save(directory, self.model, self.optimizer, extra=extra)
+
+    def load(self, directory: str) -> dict:
+        return checkpoint.load(directory, self.model, self.optimizer)
+
+
+def _end_of_epoch_evaluation(run, epoch_sum: torch.Tensor, metrics: _Metrics, epoch: int, step: int,
                              started: float) -> dict:
     """Training loss of the epoch and test loss/accuracy of the averaged model ``w_a`` (collective)."""
-    epoch_sum = hvd.allreduce(epoch_sum, op=hvd.Sum, name="horovod_dpsgd.epoch_loss")
+    epoch_sum = run.total(epoch_sum, "epoch_loss")
     train_loss = float(epoch_sum[0] / epoch_sum[1])
-    test_loss, accuracy = evaluate(checkpoint.average_model(model), test_loader)
+    test_loss, accuracy = run.evaluate()
     metrics.record("epoch", step, epoch=epoch, loss=test_loss, accuracy=accuracy)
     metrics.say(f"epoch {epoch}: train loss {train_loss:.4f}  test loss {test_loss:.4f}  "
                 f"test accuracy {100 * accuracy:.2f}%  ({time.time() - started:.1f} s)")
@@ -182,74 +264,57 @@ def finite_everywhere(model: torch.nn.Module) -> bool:
 
 def train(cfg: TrainConfig) -> dict:
     """Train as ``cfg`` says; returns the final metrics (on every rank). ``diverged`` is True when the training
-    loss became NaN/inf or, at the end, any learner's weights are not finite."""
-    from horovod_dpsgd.experiments.data import get_dataset
-    from horovod_dpsgd.experiments.models import get_model
+    loss became NaN/inf or, at the end, any learner's weights are not finite.
 
-    if not hvd.is_initialized():
-        hvd.init()
-    rank, size = hvd.rank(), hvd.size()
-    if cfg.algorithm == "dpsgd":
-        _check_topology(cfg, size)
-    torch.manual_seed(cfg.seed)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // hvd.local_size()))
-    train_set, test_set = get_dataset(cfg.task, data_dir=cfg.data_dir, download=cfg.download)
-    sampler, train_loader, test_loader, probe = _loaders(cfg, train_set, test_set)
-    steps_per_epoch = len(train_loader)
+    ``cfg.engine`` says how the learners run: ``mpi``, this process is one learner of a horovodrun job;
+    ``sim``, this process runs all ``cfg.np`` learners (:mod:`horovod_dpsgd.experiments.simulate`). The loop,
+    the learning-rate schedule and what is recorded are the same.
+    """
+    if cfg.engine == "sim":
+        from horovod_dpsgd.experiments.simulate import SimRun
+        run = SimRun(cfg)
+    else:
+        run = _MPIRun(cfg)
+    steps_per_epoch = run.steps_per_epoch
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
-
-    model = get_model(cfg.model)
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    peak = scaled_lr(cfg.lr, cfg.batch_size * size, cfg.base_batch, cfg.linear_scaling)
-    optimizer = torch.optim.SGD(model.parameters(), lr=peak, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    callbacks, diagnostics = [], None
-    if cfg.noise_sigma:
-        callbacks.append(GaussianNoise(cfg.noise_sigma, seed=cfg.seed))
+    peak = scaled_lr(cfg.lr, cfg.batch_size * run.size, cfg.base_batch, cfg.linear_scaling)
+    callbacks = [GaussianNoise(cfg.noise_sigma, seed=cfg.seed)] if cfg.noise_sigma else []
     last_checkpoint = os.path.join(cfg.checkpoint_dir, "last") if cfg.checkpoint_dir else None
     resuming = last_checkpoint is not None and os.path.isdir(last_checkpoint)
-    metrics = _Metrics(cfg, rank, append=resuming)
-    if cfg.diag_every:
-        from horovod_dpsgd.diagnostics import NoiseDiagnostics
-        diagnostics = NoiseDiagnostics(model, F.cross_entropy, probe, every=cfg.diag_every, log_dir=metrics.writer)
-        callbacks.append(diagnostics)
-    optimizer = DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), algorithm=cfg.algorithm,
-                                     topology=cfg.topology, callbacks=callbacks, seed=cfg.seed, nonfinite="ignore")
+    metrics = _Metrics(cfg, run.rank, append=resuming)
+    run.build(cfg, peak, callbacks, metrics.writer)
+    optimizer, diagnostics = run.optimizer, run.diagnostics
     start_lr = min(1.0, cfg.lr / peak) if cfg.warmup_epochs else 1.0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_multiplier(steps_per_epoch, start_lr, cfg.warmup_epochs, cfg.decay_epochs, cfg.decay_factor))
     first_epoch = 0
     if resuming:
-        first_epoch = checkpoint.load(last_checkpoint, model, optimizer)["epoch"]
+        first_epoch = run.load(last_checkpoint)["epoch"]
         scheduler.last_epoch = optimizer.step_count
         metrics.say(f"resumed from {last_checkpoint} at epoch {first_epoch}")
-    metrics.start(cfg, optimizer.step_count, first_epoch, resumed=resuming, learners=size)
+    metrics.start(cfg, optimizer.step_count, first_epoch, resumed=resuming, learners=run.size)
 
     what = f"{cfg.algorithm}" + (f" ({cfg.topology})" if cfg.algorithm == "dpsgd" else "") + \
         (f" + Gaussian noise sigma={cfg.noise_sigma:g}" if cfg.noise_sigma else "")
-    metrics.say(f"{what}: {cfg.model} on {cfg.task}, {size} learners x batch {cfg.batch_size} = {size * cfg.batch_size}, "
-                f"lr {peak:g}, {steps_per_epoch} steps/epoch")
+    metrics.say(f"{what}: {cfg.model} on {cfg.task}, {run.size} learners x batch {cfg.batch_size} = "
+                f"{run.size * cfg.batch_size}, lr {peak:g}, {steps_per_epoch} steps/epoch" +
+                (" (simulated in one process)" if cfg.engine == "sim" else ""))
     result = {"diverged": False, "steps": optimizer.step_count}
     for epoch in range(first_epoch, cfg.epochs):
         if optimizer.step_count >= total_steps:
             break
-        sampler.set_epoch(epoch)
+        run.set_epoch(epoch)
         started = time.time()
         running, epoch_sum = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-        progress = _Progress(rank == 0 and not cfg.quiet, steps_per_epoch, f"epoch {epoch + 1}")
-        for data, target in train_loader:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(data), target)
-            loss.backward()
-            if diagnostics is not None:
-                diagnostics.observe(data, target, loss)
-            optimizer.step()
+        progress = _Progress(run.rank == 0 and not cfg.quiet, steps_per_epoch, f"epoch {epoch + 1}")
+        for batch in run.batches():
+            observed = run.step(batch)
             scheduler.step()
-            observed = torch.tensor([loss.item(), 1.0], dtype=torch.float64)
             running += observed
             epoch_sum += observed
             step = optimizer.step_count
             if step % cfg.log_every == 0 or step == total_steps:
-                mean = hvd.allreduce(running, op=hvd.Sum, name="horovod_dpsgd.train_loss")
+                mean = run.total(running, "train_loss")
                 running.zero_()
                 step_loss = float(mean[0] / mean[1])
                 metrics.record("step", step, loss=step_loss, lr=optimizer.param_groups[0]["lr"])
@@ -257,7 +322,7 @@ def train(cfg: TrainConfig) -> dict:
                     result["diverged"] = True
             if diagnostics is not None and diagnostics.last and diagnostics.last.get("step") == step:
                 metrics.record("diag", step, **{k: v for k, v in diagnostics.last.items() if k != "step"})
-            progress.update(float(observed[0]))
+            progress.update(float(observed[0] / observed[1]))
             if result["diverged"] or step >= total_steps:
                 break
         progress.finish()
@@ -266,13 +331,11 @@ def train(cfg: TrainConfig) -> dict:
             break
         last_epoch = epoch + 1 == cfg.epochs or optimizer.step_count >= total_steps
         if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
-            result.update(_end_of_epoch_evaluation(model, test_loader, epoch_sum, metrics, epoch + 1,
-                                                   optimizer.step_count, started))
+            result.update(_end_of_epoch_evaluation(run, epoch_sum, metrics, epoch + 1, optimizer.step_count, started))
         if last_checkpoint and ((epoch + 1) % cfg.checkpoint_every == 0 or last_epoch):
-            checkpoint.save(last_checkpoint, model, optimizer,
-                            extra={"epoch": epoch + 1, "task": cfg.task, "model": cfg.model})
+            run.save(last_checkpoint, extra={"epoch": epoch + 1, "task": cfg.task, "model": cfg.model})
     result["steps"] = optimizer.step_count
-    if not finite_everywhere(model):
+    if not run.finite():
         result["diverged"] = True
         metrics.say(f"the weights of some learner are NaN/inf after step {optimizer.step_count}: the run failed")
     metrics.record("end", optimizer.step_count, **result)

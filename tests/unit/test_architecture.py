@@ -1,6 +1,7 @@
 """The package's architecture: the plugin core never needs the research toolkit.
 
 * No core module imports ``horovod_dpsgd.experiments`` (data flows one way: the toolkit imports the plugin).
+* The simulator (``horovod_dpsgd.sim``) builds on the core, which never imports it; it needs no toolkit dependency.
 * The core imports only the standard library and the plugin's own dependencies.
 * The installed distribution requires only those; the toolkit's come with the ``experiments`` extra.
 * The plugin imports and wraps an optimizer in a process where the toolkit's dependencies cannot be imported.
@@ -18,6 +19,7 @@ from packaging.requirements import Requirement
 
 PACKAGE = Path(__file__).resolve().parents[2] / "horovod_dpsgd"
 TOOLKIT = PACKAGE / "experiments"
+SIMULATOR = PACKAGE / "sim"
 #: Third-party top-level modules the core may import: the plugin's install requirements.
 CORE_DEPENDENCIES = {"torch", "horovod", "mpi4py", "numpy", "tensorboard"}
 TOOLKIT_ONLY = ("click", "matplotlib", "mlxtend", "torchvision")
@@ -42,6 +44,13 @@ def imported_modules(path: Path):
 def test_core_module_does_not_import_the_toolkit(path):
     upward = [m for m in imported_modules(path) if m.startswith("horovod_dpsgd.experiments")]
     assert not upward, f"{path.name} imports the research toolkit: {upward}"
+
+
+@pytest.mark.parametrize("path", [p for p in core_modules() if SIMULATOR not in p.parents],
+                         ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_core_module_does_not_import_the_simulator(path):
+    upward = [m for m in imported_modules(path) if m.startswith("horovod_dpsgd.sim")]
+    assert not upward, f"{path.name} imports the simulator: {upward}"
 
 
 @pytest.mark.parametrize("path", core_modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
@@ -78,11 +87,16 @@ opt = horovod_dpsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=
                                          named_parameters=model.named_parameters())
 model(torch.ones(4, 3)).sum().backward()
 opt.step()
+from horovod_dpsgd import sim
+learners = sim.Learners(torch.nn.Linear(3, 2), 4)
+opt = sim.DistributedOptimizer(torch.optim.SGD(learners.parameters(), lr=0.1), learners, topology="ring")
+learners(torch.ones(4, 5, 3)).sum().backward()
+opt.step()
 print("ok", opt.step_count, sorted(m for m in sys.modules if m.split(".")[0] in {TOOLKIT_ONLY!r}))
 """
 
 
-def test_the_plugin_works_without_the_toolkits_dependencies():
+def test_the_plugin_and_the_simulator_work_without_the_toolkits_dependencies():
     proc = subprocess.run([sys.executable, "-c", BLOCKED_IMPORTS], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-2:] == ["1", "[]"]

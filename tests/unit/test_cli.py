@@ -69,7 +69,7 @@ def test_train_has_one_option_per_config_field_and_no_other():
     options = {p.name for p in main.commands["train"].params if isinstance(p, click.Option)}
     assert options - {"config_file"} == fields
     compare_options = {p.name for p in main.commands["compare"].params if isinstance(p, click.Option)}
-    assert set(cli.COMPARE_KEYS) <= compare_options and set(cli.COMPARE_KEYS) == set(setting_names()) - {"seed"}
+    assert set(cli.COMPARE_KEYS) <= compare_options and set(cli.COMPARE_KEYS) == set(setting_names()) - {"seed", "np"}
     for name in fields:  # every option and its default come from the field
         option = next(p for p in main.commands["train"].params if p.name == name)
         assert TrainConfig(**{name: option.type_cast_value(None, option.default)}) == TrainConfig(), name
@@ -149,7 +149,7 @@ def test_compare_hands_each_run_its_configuration_as_a_file(tmp_path, monkeypatc
     assert len(launched) == 4
     b1 = TrainConfig.load(str(tmp_path / "b-seed1" / "config.json"))
     assert launched[3] == b1 == TrainConfig(epochs=2, linear_scaling=False, decay_epochs=(1.0, 1.5),
-                                           topology="random_graph:0.05", seed=1, quiet=True,
+                                           topology="random_graph:0.05", seed=1, np=2, quiet=True,
                                            metrics_file=str(tmp_path / "b-seed1" / "metrics.jsonl"),
                                            log_dir=str(tmp_path / "b-seed1" / "tb"))
     assert launched[0].algorithm == "ssgd" and launched[0].linear_scaling and launched[0].seed == 0
