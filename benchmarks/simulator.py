@@ -4,11 +4,12 @@ Wrap it in ``flock /tmp/mpi.lock`` on a shared machine. Two parts:
 
 1. **The Sec. 2.1 run** (n = 5 learners, nB = 2000, the 784-50-50-10 MLP on the bundled MNIST sample, full
    averaging, plain SGD): ``horovod-dpsgd train`` through ``horovodrun -np 5`` against ``train --engine sim
-   --np 5``, the same configuration. Each engine runs ``--steps`` steps and a short run of ``--short`` steps,
-   alternating, ``--repeat`` times; the ratios are of wall times (what a user waits for, start-up included) and of
-   the time per step without start-up ((long - short) / (steps - short)), per repetition.
-2. **Scale**: n learners of the same MLP at nB = 2000 (B = 2000 // n) in one process, for each ``--sizes`` and
-   topology: steps/s (training steps with real data, the plugin's optimizer, mixing), the share of mixing, the
+   --np 5`` (with 1 and with 2 torch threads), the same configuration. Each engine runs ``--steps`` steps and a
+   short run of ``--short`` steps, one after the other, ``--repeat`` times; the ratios are of wall times (what a
+   user waits for, start-up included) and of the time per step without start-up ((long - short) / (steps -
+   short)), per repetition.
+2. **Scale**: n learners of the same MLP at nB = 2000 (B = 2000 // n) in one process (``--scale-threads``
+   torch threads), for each ``--sizes`` and topology: steps/s (training steps with real data, the plugin's optimizer, mixing), the share of mixing, the
    peak resident memory of the process and the bytes of the stacked parameters, gradients and momentum.
 
 Writes everything to ``benchmarks/results/simulator.json`` (``--out``).
@@ -32,17 +33,19 @@ CLI = ["-m", "horovod_dpsgd.experiments.cli", "train"]
 
 
 def sec21_command(engine: str, steps: int, lr: float, out: Path):
+    """The command and environment of the Sec. 2.1 run on ``engine``: ``mpi`` (horovodrun -np 5) or ``sim:T`` (the
+    simulator with T torch threads)."""
     args = [*CLI, "--batch-size", "400", "--lr", str(lr), "--topology", "full", "--algorithm", "dpsgd",
             "--max-steps", str(steps), "--epochs", "100000", "--log-every", "100", "--eval-every", "500", "--quiet",
             "--metrics-file", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     if engine == "mpi":
-        return horovodrun_command(5, args), horovodrun_env(5)
-    return [sys.executable, *args, "--engine", "sim", "--np", "5"], dict(os.environ)
+        return horovodrun_command(5, args), horovodrun_env(5, env)
+    return [sys.executable, *args, "--engine", "sim", "--np", "5"], {**env, "OMP_NUM_THREADS": engine.split(":")[1]}
 
 
 def timed(engine: str, steps: int, lr: float, out: Path) -> float:
     cmd, env = sec21_command(engine, steps, lr, out)
-    env["PYTHONPATH"] = str(HERE.parent)
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=HERE.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=7200)
@@ -56,25 +59,29 @@ def timed(engine: str, steps: int, lr: float, out: Path) -> float:
 
 
 def sec21(args) -> dict:
+    """Each repetition runs every engine, long and short, one after the other (the same noise for all)."""
     rows = []
     tmp = Path(args.tmp)
     tmp.mkdir(parents=True, exist_ok=True)
+    engines = ["mpi"] + [f"sim:{t}" for t in args.sim_threads]
     for rep in range(args.repeat):
         row = {}
-        for engine in ("mpi", "sim"):
+        for engine in engines:
             for steps in (args.short, args.steps):
-                row[f"{engine}_{steps}"] = timed(engine, steps, args.lr, tmp / f"{engine}-{steps}.jsonl")
-                print(f"  repetition {rep + 1}: {engine} {steps} steps {row[f'{engine}_{steps}']:.1f} s", flush=True)
-        for engine in ("mpi", "sim"):
-            row[f"{engine}_per_step"] = (row[f"{engine}_{args.steps}"] - row[f"{engine}_{args.short}"]) / \
+                row[f"{engine} {steps}"] = t = timed(engine, steps, args.lr, tmp / f"{engine}-{steps}.jsonl")
+                print(f"  repetition {rep + 1}: {engine} {steps} steps {t:.1f} s", flush=True)
+            row[f"{engine} per step"] = (row[f"{engine} {args.steps}"] - row[f"{engine} {args.short}"]) / \
                 (args.steps - args.short)
         rows.append(row)
-    wall = [r[f"mpi_{args.steps}"] / r[f"sim_{args.steps}"] for r in rows]
-    per_step = [r["mpi_per_step"] / r["sim_per_step"] for r in rows]
-    return {"repetitions": rows, "wall_ratio_median": statistics.median(wall), "wall_ratios": wall,
-            "per_step_ratio_median": statistics.median(per_step), "per_step_ratios": per_step,
+    ratios = {}
+    for engine in engines[1:]:
+        wall = [r[f"mpi {args.steps}"] / r[f"{engine} {args.steps}"] for r in rows]
+        per_step = [r["mpi per step"] / r[f"{engine} per step"] for r in rows]
+        ratios[engine] = {"wall": wall, "wall_median": statistics.median(wall), "per_step": per_step,
+                          "per_step_median": statistics.median(per_step)}
+    return {"repetitions": rows, "ratios": ratios,
             "commands": {e: " ".join(sec21_command(e, args.steps, args.lr, Path("METRICS.jsonl"))[0])
-                         for e in ("mpi", "sim")}}
+                         for e in engines}}
 
 
 SCALE_SCRIPT = r"""
@@ -87,6 +94,10 @@ n, topology, steps = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 B = max(1, 2000 // n)
 train_set, _ = mnist_sample()
 x_all, y_all = train_set.tensors
+def rss_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+rss_before = rss_mib()
 torch.manual_seed(0)
 learners = sim.Learners(get_model("mlp"), n)
 opt = sim.DistributedOptimizer(torch.optim.SGD(learners.parameters(), lr=0.1, momentum=0.9), learners,
@@ -113,6 +124,7 @@ stacked = sum(p.numel() * p.element_size() for p in learners.parameters())
 print(json.dumps({"n": n, "batch": B, "topology": topology, "steps_per_s": steps / elapsed,
                   "mixing_share": mixing[0] / elapsed, "mixing_kind": opt._averager.matrix(0).kind,
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rss_before_learners_mib": rss_before, "rss_growth_mib": rss_mib() - rss_before,
                   "stacked_params_mib": stacked / 2**20,
                   "params_grads_momentum_mib": 3 * stacked / 2**20, "threads": torch.get_num_threads()}))
 """
@@ -123,15 +135,16 @@ def scale(args) -> list:
     for n in args.sizes:
         for topology in args.topologies:
             steps = max(5, min(50, 4000 // n))
+            env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": str(args.scale_threads)}
             proc = subprocess.run([sys.executable, "-c", SCALE_SCRIPT, str(n), topology, str(steps)], cwd=HERE.parent,
-                                  env={**os.environ, "PYTHONPATH": str(HERE.parent)}, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, timeout=3600)
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=3600)
             if proc.returncode != 0:
                 raise SystemExit(f"n={n} {topology} failed:\n{proc.stdout[-3000:]}")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(f"  n={n:4d} B={r['batch']:4d} {topology:12s} {r['steps_per_s']:7.2f} steps/s  mixing "
-                  f"{100 * r['mixing_share']:4.1f}% ({r['mixing_kind']})  peak RSS {r['peak_rss_mib']:7.0f} MiB  "
+                  f"{100 * r['mixing_share']:4.1f}% ({r['mixing_kind']})  RSS +{r['rss_growth_mib']:4.0f} MiB over "
+                  f"{r['rss_before_learners_mib']:.0f} (peak {r['peak_rss_mib']:.0f})  "
                   f"params+grads+momentum {r['params_grads_momentum_mib']:6.1f} MiB", flush=True)
     return rows
 
@@ -141,9 +154,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000, help="steps of the Sec. 2.1 run")
     parser.add_argument("--short", type=int, default=100, help="steps of the short run (start-up estimate)")
     parser.add_argument("--repeat", type=int, default=2, help="repetitions of the Sec. 2.1 pair")
-    parser.add_argument("--lr", type=float, default=0.2, help="learning rate of the Sec. 2.1 run (see the docs)")
+    parser.add_argument("--lr", type=float, default=0.3, help="learning rate of the Sec. 2.1 run (see the docs)")
+    parser.add_argument("--sim-threads", type=int, nargs="*", default=[1, 2], help="torch threads of the simulator")
     parser.add_argument("--sizes", type=int, nargs="*", default=[5, 16, 64, 256])
     parser.add_argument("--topologies", nargs="*", default=["full", "ring", "random_peer", "exponential"])
+    parser.add_argument("--scale-threads", type=int, default=1, help="torch threads of the scale runs")
     parser.add_argument("--skip-sec21", action="store_true")
     parser.add_argument("--tmp", default="/tmp/horovod-dpsgd-simulator-bench")
     parser.add_argument("--out", default=str(HERE / "results" / "simulator.json"))
@@ -156,10 +171,11 @@ def main() -> None:
         print(f"Sec. 2.1 run, {args.steps} and {args.short} steps, horovodrun -np 5 vs --engine sim --np 5:",
               flush=True)
         result["sec21"] = s = sec21(args)
-        print(f"horovodrun / simulator, wall time with start-up: median {s['wall_ratio_median']:.2f}x "
-              f"(per repetition {', '.join(f'{r:.2f}' for r in s['wall_ratios'])})")
-        print(f"horovodrun / simulator, time per step without start-up: median {s['per_step_ratio_median']:.2f}x "
-              f"(per repetition {', '.join(f'{r:.2f}' for r in s['per_step_ratios'])})", flush=True)
+        for engine, r in s["ratios"].items():
+            print(f"horovodrun -np 5 / simulator ({engine.split(':')[1]} threads): wall time with start-up "
+                  f"{r['wall_median']:.2f}x (per repetition {', '.join(f'{x:.2f}' for x in r['wall'])}); time per "
+                  f"step without start-up {r['per_step_median']:.2f}x ({', '.join(f'{x:.2f}' for x in r['per_step'])})",
+                  flush=True)
     print("Scale: n learners of the MLP at nB = 2000 in one process:", flush=True)
     result["scale"] = scale(args)
     result["machine"]["load_after"] = os.getloadavg()

@@ -15,8 +15,8 @@ large), and the mean consensus distance ``n^-1 sum_j |w_j - w_a|^2`` over the ru
 Markdown table and the figure ``OUT/simulator_study.png``. Finished runs (an ``end`` record in their metrics file)
 are not run again, so an interrupted study resumes::
 
-    python examples/simulator_study.py --out runs/study            # about 30 min on 2 cores (docs/simulator.md)
-    python examples/simulator_study.py --out runs/quick --quick    # a smoke run of the same code (3 min)
+    python examples/simulator_study.py --out runs/study            # 48 runs of 600 steps (docs/simulator.md)
+    python examples/simulator_study.py --out runs/quick --quick    # a smoke run of the same code
 """
 
 import argparse

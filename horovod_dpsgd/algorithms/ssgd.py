@@ -16,6 +16,7 @@ import torch
 import horovod.torch as hvd
 
 from horovod_dpsgd.algorithms.base import Algorithm
+from horovod_dpsgd.comm.agreement import resolve_step
 
 __all__ = ["SSGD", "GradientAverager", "HorovodAllreduce"]
 
@@ -25,6 +26,9 @@ class GradientAverager(Protocol):
 
     #: Backward passes accumulated locally before the gradients are averaged (Horovod's).
     backward_passes_per_step: int
+
+    def agree_on_step(self, step: int, restored: bool) -> int:
+        """The step all learners continue from (see :func:`~horovod_dpsgd.comm.agreement.resolve_step`)."""
 
     def synchronize(self) -> None:
         """Wait for this step's reduction: ``.grad`` then holds ``g_a``."""
@@ -68,6 +72,11 @@ class HorovodAllreduce:
     def backward_passes_per_step(self) -> int:
         return self.horovod.backward_passes_per_step
 
+    def agree_on_step(self, step: int, restored: bool) -> int:
+        mine = torch.tensor([[step, int(restored)]], dtype=torch.int64)
+        everyone = hvd.allgather(mine, name="horovod_dpsgd.step", process_set=self.horovod.process_set)
+        return resolve_step(everyone[:, 0].tolist(), [bool(r) for r in everyone[:, 1].tolist()])
+
     def synchronize(self) -> None:
         self.horovod.synchronize()
 
@@ -102,6 +111,10 @@ class SSGD(Algorithm):
         """
         if self._progress.synchronized:
             return
+        progress = self._progress
+        if not progress.agreed:  # the step seeds SSGD*'s noise and counts in checkpoints
+            progress.t = self._gradients.agree_on_step(progress.t, progress.restored)
+            progress.agreed = True
         self._gradients.synchronize()
         # SSGD mixes no weights: both hooks see the averaged gradients and the replicated weights w_a(t).
         self._run_callbacks("on_before_mixing")

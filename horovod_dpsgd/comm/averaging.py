@@ -11,13 +11,14 @@ import weakref
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import horovod.torch as hvd
 from horovod.torch.compression import Compressor
 
 from horovod_dpsgd import topology as topologies
 from horovod_dpsgd.comm.buffers import FlatParameters
-from horovod_dpsgd.comm.exchange import (Exchange, ExchangeHandle, Transfer, abort_job_on_uncaught_exception,
-                                         communicator)
+from horovod_dpsgd.comm.agreement import resolve_step
+from horovod_dpsgd.comm.exchange import Exchange, ExchangeHandle, Transfer, abort_job_on_uncaught_exception
+from horovod_dpsgd.comm import liveness
+from horovod_dpsgd.comm.screen import WeightScreen, finite
 from horovod_dpsgd.errors import MPIEnvironmentError, ParameterMismatchError
 from horovod_dpsgd.options import Options
 
@@ -28,29 +29,22 @@ def _launched_by_mpi() -> bool:
     return any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"))
 
 
-def _check_floating(named: Sequence[Tuple[str, torch.Tensor]]) -> None:
+def check_launch(size: int) -> None:
+    """Raise MPIEnvironmentError for a DPSGD optimizer in a lone ``python`` process (nobody to average with)."""
+    if size == 1 and not _launched_by_mpi():
+        raise MPIEnvironmentError(
+            "horovod-dpsgd was started as a single plain `python` process, so there are no neighbours to "
+            "average with: launch with `horovodrun -np N python ...` (or `mpirun -np N ...`); "
+            "`horovodrun -np 1` trains one learner on purpose")
+
+
+def check_floating(named: Sequence[Tuple[str, torch.Tensor]]) -> None:
+    """Raise ParameterMismatchError for parameters DPSGD cannot average (integer ones)."""
     for name, p in named:
         if not p.is_floating_point():
             raise ParameterMismatchError(
                 f"parameter {name!r} has dtype {p.dtype}; DPSGD averages weights and needs floating-point "
                 "parameters: give it requires_grad=False or leave it out of the optimizer")
-
-
-def _check_same_parameters(comm, named: Sequence[Tuple[str, torch.Tensor]]) -> None:
-    """Raise the same :class:`ParameterMismatchError` on every rank unless all ranks train the same model."""
-    mine = [(n, str(p.dtype), tuple(p.shape)) for n, p in named]
-    everyone = comm.allgather(mine)
-    for rank, theirs in enumerate(everyone):
-        if theirs == everyone[0]:
-            continue
-        if len(theirs) != len(everyone[0]):
-            detail = f"{len(everyone[0])} trainable parameters on rank 0 but {len(theirs)} on rank {rank}"
-        else:
-            a, b = next((a, b) for a, b in zip(everyone[0], theirs) if a != b)
-            detail = f"parameter #{everyone[0].index(a)}: rank 0 has {a}, rank {rank} has {b}"
-        raise ParameterMismatchError(
-            f"models differ across ranks ({detail}); DPSGD averages weights element by element, so every "
-            "rank must build the same model with the same parameter order, shapes and dtypes")
 
 
 class NeighbourAverager:
@@ -66,15 +60,21 @@ class NeighbourAverager:
         "topology", "rank", "size",
         # what moves, and how: the parameters' flat storage, the exchange, the wire format
         "flat", "exchange", "compression",
+        # this optimizer's place among the learners that announce when they leave
+        "membership",
+        # what may be mixed: the non-finite weights check (None: nonfinite="ignore")
+        "screen",
         # the step in flight
         "_plan", "_handle",
         "__weakref__",
     )
 
     def __init__(self, flat: FlatParameters, exchange: Exchange, topology: topologies.Topology, *, rank: int,
-                 size: int, compression: Compressor):
+                 size: int, compression: Compressor, membership: Optional[liveness.Membership] = None,
+                 screen: Optional[WeightScreen] = None):
         self.topology, self.rank, self.size = topology, rank, size
         self.flat, self.exchange, self.compression = flat, exchange, compression
+        self.membership, self.screen = membership, screen
         self._plan: Optional[topologies.MixingPlan] = None
         self._handle: Optional[ExchangeHandle] = None
         # The communication thread ends with the averager. Not at interpreter exit: the daemon thread
@@ -82,30 +82,33 @@ class NeighbourAverager:
         weakref.finalize(self, exchange.close).atexit = False
 
     @classmethod
-    def create(cls, named: Sequence[Tuple[str, torch.Tensor]], options: Options,
-               compression: Compressor) -> "NeighbourAverager":
-        """The averager of this Horovod rank over all ranks. Collective: every rank must call it.
-
-        Moves the parameters into flat storage and checks that every rank trains the same parameters.
-        """
-        rank, size = hvd.rank(), hvd.size()
-        if size == 1 and not _launched_by_mpi():
-            raise MPIEnvironmentError(
-                "horovod-dpsgd was started as a single plain `python` process, so there are no neighbours to "
-                "average with: launch with `horovodrun -np N python ...` (or `mpirun -np N ...`); "
-                "`horovodrun -np 1` trains one learner on purpose")
-        topology = topologies.from_name(options.topology, size, options.seed)
-        _check_floating(named)
+    def create(cls, named: Sequence[Tuple[str, torch.Tensor]], options: Options, compression: Compressor,
+               topology: topologies.Topology, comm) -> "NeighbourAverager":
+        """The averager of this Horovod rank over ``comm``, the plugin's communicator on which the ranks have
+        agreed on their settings (:func:`~horovod_dpsgd.comm.agreement.agree_at_construction`). Moves the
+        parameters into flat storage."""
+        membership = liveness.join(comm, options.timeout)
+        abort_job_on_uncaught_exception()  # from here on, a rank that fails ends the job
         flat = FlatParameters([p for _, p in named], cuda_aware=options.cuda_aware)
-        comm = communicator(rank, size, options.timeout)
-        _check_same_parameters(comm, named)
-        abort_job_on_uncaught_exception()
-        return cls(flat, Exchange(comm, options.timeout, options.overlap), topology, rank=rank, size=size,
-                   compression=compression)
+        exchange = Exchange(comm, options.timeout, options.overlap, check=membership.check)
+        rank = comm.Get_rank()
+        screen = None if options.nonfinite == "ignore" else WeightScreen(options.nonfinite, rank)
+        return cls(flat, exchange, topology, rank=rank, size=comm.Get_size(), compression=compression,
+                   membership=membership, screen=screen)
+
+    def agree_on_step(self, step: int, restored: bool) -> int:
+        """The step every rank continues from (collective, at the first exchange after construction): fresh ranks
+        take the step of the ranks that restored a state; ranks that disagree otherwise raise StepMismatchError on
+        every rank (see :func:`~horovod_dpsgd.comm.agreement.resolve_step`)."""
+        everyone = self.exchange.gather_step(step, restored)
+        step = resolve_step([int(s) for s in everyone[:, 0]], [bool(r) for r in everyone[:, 1]])
+        self._announce_after(step)
+        return step
 
     def start(self, step: int) -> None:
         """Send ``w_j(step)`` to the peers of ``step``'s plan and post the receives."""
         plan = self.topology.plan(self.rank, step)
+        self._announce_after(step + 1)
         transfers: List[Transfer] = []
         for group in self.flat.groups:
             send = group.send_buffer()
@@ -117,20 +120,53 @@ class NeighbourAverager:
         self._plan = plan
         self._handle = self.exchange.start(transfers, step, plan.peers) if transfers else None
 
+    def _announce_after(self, steps: int) -> None:
+        """If this learner leaves now, it leaves after ``steps`` steps (its weights of step ``steps - 1`` are sent)."""
+        if self.membership is not None:
+            self.membership.steps = steps
+
     @torch.no_grad()
     def finish(self) -> None:
-        """Wait for the peers' weights and set the parameters to ``w_s,j(t) = sum_k W_jk(t) w_k(t)``."""
+        """Wait for the peers' weights and set the parameters to ``w_s,j(t) = sum_k W_jk(t) w_k(t)``.
+
+        Unless ``nonfinite="ignore"``, the weights about to be mixed are checked first and non-finite ones raise
+        or are left out (:mod:`horovod_dpsgd.comm.screen`)."""
         handle, plan = self._handle, self._plan
         if handle is None:  # no peer this step (e.g. the unmatched learner of an odd world)
             return
         handle.wait()
         self._handle = None
-        for group, transfer in zip(self.flat.groups, handle.transfers):
-            if plan.collective:
-                group.set_average(transfer.recv[0], self.size)
-            else:
-                group.mix(plan.self_weight, [(w, self.compression.decompress(r, group.dtype))
-                                             for w, r in zip(plan.peer_weights, transfer.recv)])
+        groups = self.flat.groups
+        if plan.collective:
+            sums, count = [t.recv[0] for t in handle.transfers], self.size
+            if self.screen is not None and not all(finite(sums)):
+                sums, count = self._sum_of_finite(handle.step)
+            for group, total in zip(groups, sums if count else ()):
+                group.set_average(total, count)
+            return
+        weights = plan.self_weight, plan.peer_weights
+        if self.screen is not None:
+            weights = self.screen.weights(plan, [g.send for g in groups], [t.recv for t in handle.transfers],
+                                          handle.step)
+            if weights is None:  # nothing finite to mix
+                return
+        for group, transfer in zip(groups, handle.transfers):
+            group.mix(weights[0], [(w, self.compression.decompress(r, group.dtype))
+                                   for w, r in zip(weights[1], transfer.recv) if w])
+
+    def _sum_of_finite(self, step: int) -> Tuple[List[torch.Tensor], int]:
+        """Full averaging met a non-finite sum (every rank sees the same sum, so every rank is here): one more
+        allreduce gathers who is not finite and sums the weights of those who are. Returns (sums, count)."""
+        own_finite = all(finite([g.send for g in self.flat.groups]))
+        flags = torch.zeros(self.size, dtype=torch.float64)
+        flags[self.rank] = 0.0 if own_finite else 1.0
+        transfers = [Transfer(flags, None, [torch.empty_like(flags)])]
+        transfers += [Transfer(g.send if own_finite else torch.zeros_like(g.send), None, [g.sum_buffer()])
+                      for g in self.flat.groups]
+        self.exchange.start(transfers, step).wait()
+        bad = [r for r, flag in enumerate(transfers[0].recv[0].tolist()) if flag]
+        self.screen.reject(bad, step)
+        return [t.recv[0] for t in transfers[1:]], self.size - len(bad)
 
     def drain(self) -> None:
         """Complete an exchange in flight without mixing (e.g. before loading a checkpoint)."""

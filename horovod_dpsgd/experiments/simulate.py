@@ -7,7 +7,6 @@ built after the same seeding), the same optimizer settings, callbacks, topology 
 TensorBoard tags.
 """
 
-import os
 from typing import Iterator, Tuple
 
 import click
@@ -88,6 +87,11 @@ class SimRun:
         """Test loss and accuracy of the averaged model ``w_a`` on the whole test set."""
         totals = evaluation_totals(self.learners.average(), self.test_loader)
         return float(totals[0] / totals[2]), float(totals[1] / totals[2])
+
+    @torch.no_grad()
+    def finite(self) -> bool:
+        """Whether every learner's parameters and floating-point buffers are finite."""
+        return all(bool(t.isfinite().all()) for t in self.learners.state_dict().values() if t.is_floating_point())
 
     def save(self, directory: str, extra: dict) -> None:
         sim_checkpoint.save(directory, self.learners, self.optimizer, extra=extra)

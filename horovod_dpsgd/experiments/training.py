@@ -233,6 +233,10 @@ class _MPIRun:
         """Test loss and accuracy of the averaged model ``w_a`` (collective)."""
         return evaluate(checkpoint.average_model(self.model), self.test_loader)
 
+    def finite(self) -> bool:
+        """Whether every learner's weights are finite (collective)."""
+        return finite_everywhere(self.model)
+
     def save(self, directory: str, extra: dict) -> None:
         checkpoint.save(directory, self.model, self.optimizer, extra=extra)
 
@@ -252,8 +256,16 @@ def _end_of_epoch_evaluation(run, epoch_sum: torch.Tensor, metrics: _Metrics, ep
     return {"test_loss": test_loss, "test_accuracy": accuracy, "train_loss": train_loss}
 
 
+@torch.no_grad()
+def finite_everywhere(model: torch.nn.Module) -> bool:
+    """Whether every learner's parameters and floating-point buffers are finite (collective)."""
+    mine = all(bool(t.isfinite().all()) for t in model.state_dict().values() if t.is_floating_point())
+    return bool(hvd.allreduce(torch.tensor([float(mine)]), op=hvd.Min, name="horovod_dpsgd.finite_everywhere"))
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Train as ``cfg`` says; returns the final metrics (on every rank).
+    """Train as ``cfg`` says; returns the final metrics (on every rank). ``diverged`` is True when the training
+    loss became NaN/inf or, at the end, any learner's weights are not finite.
 
     ``cfg.engine`` says how the learners run: ``mpi``, this process is one learner of a horovodrun job;
     ``sim``, this process runs all ``cfg.np`` learners (:mod:`horovod_dpsgd.experiments.simulate`). The loop,
@@ -325,6 +337,9 @@ def train(cfg: TrainConfig) -> dict:
             run.save(last_checkpoint, extra={"epoch": epoch + 1, "task": cfg.task, "model": cfg.model,
                                              "pixel_max": cfg.pixel_max})
     result["steps"] = optimizer.step_count
+    if not run.finite():
+        result["diverged"] = True
+        metrics.say(f"the weights of some learner are NaN/inf after step {optimizer.step_count}: the run failed")
     metrics.record("end", optimizer.step_count, **result)
     metrics.close()
     return result

@@ -14,14 +14,14 @@ applied to ``n`` learners whose parameters are stacked along a leading learner d
         opt.step()                                       # mix with W(t), then every learner's own update
 
 With the same seeds, data shards and topology, learner ``j``'s weights equal those of rank ``j`` of the
-``horovodrun`` job to float rounding (tests/test_sim_mpi.py checks it). The simulator needs no MPI, Horovod
+``horovodrun`` job to float rounding (tests/parallel/test_sim.py checks it). The simulator needs no MPI, Horovod
 launch or toolkit dependency. See docs/simulator.md.
 """
 
-from horovod_dpsgd.sim.averaging import MixingMatrix, StackedAverager, StackedGradientMean
+from horovod_dpsgd.sim.averaging import MixingMatrix, StackedAverager, StackedGradientMean, StackedScreen
 from horovod_dpsgd.sim.diagnostics import LearnerGroup, NoiseDiagnostics
 from horovod_dpsgd.sim.learners import Learners
 from horovod_dpsgd.sim.optimizer import ELEMENTWISE_OPTIMIZERS, DistributedOptimizer, LearnerContext, Stacked
 
 __all__ = ["Learners", "DistributedOptimizer", "NoiseDiagnostics", "LearnerContext", "Stacked", "StackedAverager",
-           "StackedGradientMean", "MixingMatrix", "LearnerGroup", "ELEMENTWISE_OPTIMIZERS"]
+           "StackedGradientMean", "StackedScreen", "MixingMatrix", "LearnerGroup", "ELEMENTWISE_OPTIMIZERS"]

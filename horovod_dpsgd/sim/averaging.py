@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from horovod_dpsgd import topology as topologies
-from horovod_dpsgd.errors import ParameterMismatchError
+from horovod_dpsgd.errors import NonFiniteError, ParameterMismatchError
 
-__all__ = ["MixingMatrix", "StackedAverager", "StackedGradientMean"]
+__all__ = ["MixingMatrix", "StackedAverager", "StackedGradientMean", "StackedScreen"]
 
 #: How a mixing matrix is applied (docs/simulator.md has the measurements behind the thresholds): below
 #: ``SPARSE_MIN_LEARNERS`` learners as a dense product; above, a matrix whose rows have at most
@@ -71,13 +71,20 @@ class MixingMatrix:
         if n < SPARSE_MIN_LEARNERS:
             return cls("dense", dense)
         if nonzero.sum(1).max() <= NEIGHBOURS_MAX:
-            return cls("neighbours", neighbours=[(torch.from_numpy(np.flatnonzero(row)), torch.from_numpy(w[j, row]))
-                                                 for j, row in enumerate(nonzero)])
+            return cls.by_neighbours(w)
         if nonzero.sum() <= SPARSE_MAX_DENSITY * n * n:
             with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
                 warnings.simplefilter("ignore", UserWarning)
                 return cls("sparse", dense.to_sparse_csr())
         return cls("dense", dense)
+
+    @classmethod
+    def by_neighbours(cls, w: np.ndarray) -> "MixingMatrix":
+        """``W`` applied row by row from the non-zero entries only: a learner's row never touches the rows it
+        gives no weight (whatever they hold, NaN included, whereas a product adds ``0 * NaN = NaN``)."""
+        nonzero = w != 0
+        return cls("neighbours", neighbours=[(torch.from_numpy(np.flatnonzero(row)), torch.from_numpy(w[j, row]))
+                                             for j, row in enumerate(nonzero)])
 
     def _like(self, rows: torch.Tensor):
         """The matrix (or the neighbours' indices and weights) in ``rows``' dtype and on its device."""
@@ -116,6 +123,82 @@ def _check_stacked(params: Sequence[torch.Tensor], n: int) -> None:
                                          "floating-point parameters: give it requires_grad=False")
 
 
+class StackedScreen:
+    """The MPI plugin's non-finite weights check (:mod:`horovod_dpsgd.comm.screen`) for stacked learners.
+
+    Before a step's mix, one reduction per parameter and one host synchronisation find the learners whose weights
+    are not all finite. Then, as over MPI:
+
+    * ``"raise"``: :class:`~horovod_dpsgd.NonFiniteError` if some learner ``j`` would mix in the non-finite weights
+      of another learner ``k`` (``W_jk(t) != 0``), naming both and the step. (A learner that mixes with no one that
+      step, e.g. the unmatched learner of a random peer step, raises nothing, as over MPI.)
+    * ``"skip"``: ``W(t)``'s entries of non-finite learners are set to zero and every row renormalised,
+      ``w_s,j = sum_{k finite} W_jk w_k / sum_{k finite} W_jk``; a row with nothing finite left keeps its weights.
+      ``rejected_by_learner[j]`` counts, per source, the mixes learner ``j`` left it out of (what MPI rank ``j``'s
+      ``rejected_weights`` counts); the first time a source is left out a :class:`RuntimeWarning` names it.
+    """
+
+    __slots__ = ("policy", "rejected_by_learner")
+
+    def __init__(self, policy: str, n: int):
+        if policy not in ("raise", "skip"):
+            raise ValueError(f"a weight screen's policy is 'raise' or 'skip', not {policy!r}")
+        self.policy = policy
+        self.rejected_by_learner: List[Dict[int, int]] = [{} for _ in range(n)]
+
+    @property
+    def rejected(self) -> Dict[int, int]:
+        """``{learner: count}``: the mixes each learner's weights were left out of, summed over the learners."""
+        total: Dict[int, int] = {}
+        for counts in self.rejected_by_learner:
+            for k, c in counts.items():
+                total[k] = total.get(k, 0) + c
+        return total
+
+    @staticmethod
+    @torch.no_grad()
+    def finite(params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(n,)`` booleans: whether all of learner ``j``'s weights are finite (one host sync)."""
+        sums = torch.stack([p.data.reshape(p.shape[0], -1).sum(1, dtype=torch.promote_types(p.dtype, torch.float32))
+                            for p in params]).isfinite().all(0).cpu()
+        for j in (~sums).nonzero().flatten().tolist():  # a sum can overflow although every element is finite
+            sums[j] = all(bool(p.data[j].isfinite().all()) for p in params)
+        return sums
+
+    def mixing(self, w: np.ndarray, ok: torch.Tensor, step: int) -> Optional[np.ndarray]:
+        """``W(t)`` with the non-finite learners (``~ok``) left out, or None if it is unchanged."""
+        bad = (~ok).nonzero().flatten().tolist()
+        if not bad:
+            return None
+        uses = {j: [k for k in bad if k != j and w[j, k] != 0] for j in range(w.shape[0])}
+        if self.policy == "raise":
+            receivers = [j for j, ks in uses.items() if ks]
+            if not receivers:
+                return None
+            raise NonFiniteError(
+                f"learner{'s' if len(receivers) > 1 else ''} {', '.join(map(str, receivers))}: at step {step} the "
+                f"weights of learner{'s' if len(bad) > 1 else ''} {', '.join(map(str, bad))} are NaN or infinite; "
+                "mixing would spread them to every learner. Lower the learning rate or add gradient clipping, or "
+                "pass nonfinite='skip' to leave non-finite weights out of the mix")
+        keep = ok.numpy().astype(w.dtype)
+        screened = w * keep[None, :]
+        totals = screened.sum(1)
+        for j in range(w.shape[0]):
+            left_out = uses[j] + ([j] if not ok[j] and w[j, j] != 0 else [])
+            for k in left_out:
+                if all(k not in counts for counts in self.rejected_by_learner):
+                    warnings.warn(f"learner {k}: its NaN or infinite weights were left out of the mix at step {step} "
+                                  "(nonfinite='skip'); later occurrences are counted in optimizer.rejected_weights",
+                                  RuntimeWarning)
+                self.rejected_by_learner[j][k] = self.rejected_by_learner[j].get(k, 0) + 1
+            if totals[j] > 0:
+                screened[j] /= totals[j]
+            else:  # nothing finite to mix: the learner keeps its weights
+                screened[j] = 0.0
+                screened[j, j] = 1.0
+        return screened
+
+
 class StackedAverager:
     """DPSGD's averager for learners stacked in one process: ``w_s,j(t) = sum_k W_jk(t) w_k(t)`` for all ``j``
     as one product of the topology's ``W(t)`` with the stacked weights (the ``Averager`` protocol of
@@ -124,15 +207,21 @@ class StackedAverager:
     Args:
         params: the stacked parameters (``shape (n, ...)``) the optimizer trains.
         topology: the learners' topology (the same object the MPI plugin plans with).
+        screen: the non-finite weights check (``nonfinite="raise"`` or ``"skip"``), or None (``"ignore"``).
     """
 
-    __slots__ = ("topology", "params", "_step", "_static")
+    __slots__ = ("topology", "params", "screen", "_step", "_static")
 
-    def __init__(self, params: Sequence[torch.Tensor], topology: topologies.Topology):
+    def __init__(self, params: Sequence[torch.Tensor], topology: topologies.Topology,
+                 screen: Optional[StackedScreen] = None):
         _check_stacked(params, topology.size)
-        self.topology, self.params = topology, list(params)
+        self.topology, self.params, self.screen = topology, list(params), screen
         self._step: Optional[int] = None
         self._static = None if topology.dynamic else MixingMatrix.of(topology.mixing_matrix(0))
+
+    def agree_on_step(self, step: int, restored: bool) -> int:
+        """The learners share one optimizer and hence one step: ``step``."""
+        return step
 
     def matrix(self, step: int) -> MixingMatrix:
         """``W(step)``: the topology's mixing matrix (drawn from ``(seed, step)`` for a random peer)."""
@@ -147,10 +236,14 @@ class StackedAverager:
         """Overwrite every learner's parameters with ``w_s,j(t)``."""
         if self._step is None:
             return
-        w = self.matrix(self._step)
-        self._step = None
+        step, self._step = self._step, None
         if self.topology.size == 1:
             return
+        w = self.matrix(step)
+        if self.screen is not None:
+            screened = self.screen.mixing(self.topology.mixing_matrix(step), self.screen.finite(self.params), step)
+            if screened is not None:  # row by row, so that the left-out weights are not even read
+                w = MixingMatrix.by_neighbours(screened)
         for p in self.params:
             rows = _rows(p.data)
             if rows is not None:
@@ -198,6 +291,11 @@ class StackedGradientMean:
         if self._passes[p] > self.backward_passes_per_step:
             raise AssertionError("Gradients were computed more than backward_passes_per_step times before call "
                                  "to step(). Increase backward_passes_per_step to accumulate gradients locally.")
+
+    @torch.no_grad()
+    def agree_on_step(self, step: int, restored: bool) -> int:
+        """The learners share one optimizer and hence one step: ``step``."""
+        return step
 
     @torch.no_grad()
     def synchronize(self) -> None:

@@ -28,7 +28,7 @@ from horovod_dpsgd.callbacks import Callback, StepContext
 from horovod_dpsgd.errors import NonFiniteError
 from horovod_dpsgd.optimizer import _subclass
 from horovod_dpsgd.options import Options
-from horovod_dpsgd.sim.averaging import StackedAverager, StackedGradientMean
+from horovod_dpsgd.sim.averaging import StackedAverager, StackedGradientMean, StackedScreen
 from horovod_dpsgd.sim.learners import Learners
 
 __all__ = ["DistributedOptimizer", "Stacked", "LearnerContext", "ELEMENTWISE_OPTIMIZERS"]
@@ -197,6 +197,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, learners: Learners, *
     if options.algorithm == "ssgd":
         gradients = functools.partial(StackedGradientMean, n=n, backward_passes_per_step=backward_passes_per_step)
         return _subclass(optimizer, Stacked, SSGD)(optimizer.param_groups, gradients=gradients, **base)
-    averager = StackedAverager([p for _, p in named], topologies.from_name(options.topology, n, options.seed))
+    screen = None if options.nonfinite == "ignore" else StackedScreen(options.nonfinite, n)
+    averager = StackedAverager([p for _, p in named], topologies.from_name(options.topology, n, options.seed), screen)
     return _subclass(optimizer, Stacked, DPSGD)(optimizer.param_groups, averager=averager,
                                                 backward_passes_per_step=backward_passes_per_step, **base)

@@ -101,4 +101,38 @@ def test_a_dropped_optimizer_stops_its_communication_thread(result):
 def test_checkpoint_resume_reproduces_the_uninterrupted_run_bit_for_bit(result, size):
     assert result["diff"] == 0.0
     assert result["extra"] == {"epoch": 3}
-    assert result["files"] == [f"learner-{j:05d}-of-{size:05d}.pt" for j in range(size)]  # no temporary files left
+    # one file per learner and the manifest; no temporary files left
+    assert result["files"] == [f"learner-{j:05d}-of-{size:05d}.s000001.pt" for j in range(size)] + ["manifest.json"]
+
+
+@pytest.mark.parametrize("check", ["nan_weights_skip_ring", "nan_weights_skip_random_peer", "nan_weights_skip_full"])
+def test_nan_weights_of_one_learner_are_kept_out_of_every_mix_with_nonfinite_skip(result, size, check):
+    """issue 15: learner 1's weights turn NaN before step 2 (nonfinite="skip"); every rank's view."""
+    ranks, topology = result, check[len("nan_weights_skip_"):]
+    assert all(r["finite"] for r in ranks), ranks          # contained: nobody ends NaN, the victim rejoined
+    for rank, r in enumerate(ranks):
+        assert r["diff"] is None or r["diff"] <= 1e-6, (rank, r)
+        if "1" in r["rejected"]:                              # whoever left rank 1 out said so, naming the step
+            step = "at step 2" if topology != "random_peer" else "at step "  # a random peer may match it later
+            assert any(f"rank {rank}: left " in w and (" from rank 1 " in w or rank == 1) and step in w
+                       for w in r["warnings"]), r["warnings"]
+    # its gradient, taken at NaN weights, was NaN: once, or while a random peer left it unmatched
+    assert ranks[1]["skipped"] == 1 if topology != "random_peer" else ranks[1]["skipped"] >= 1
+    if topology != "random_peer":
+        neighbours = set(range(size)) if topology == "full" else {0, 1, 2 % size}
+        assert all(r["diff"] is not None for r in ranks)
+        assert [r["rejected"] for r in ranks] == [{"1": 1} if j in neighbours else {} for j in range(size)]
+
+
+@pytest.mark.parametrize("check", ["nan_weights_raise_ring", "nan_weights_raise_full"])
+def test_nan_weights_raise_on_every_learner_that_received_them_naming_the_source_and_step(result, size, check):
+    """issue 15: as above with nonfinite="raise", stopping at step 2: who raised, saying what."""
+    neighbours = set(range(size)) if check.endswith("full") else {0, 1, 2 % size}
+    for rank, r in enumerate(result):
+        if rank == 1:  # the source: its gradient at NaN weights (ring), or the allreduce naming it (full)
+            assert r["error"].startswith("rank 1: ") and "at step 2" in r["error"], r
+        elif rank in neighbours:
+            assert f"rank {rank}: at step 2 the weights of rank 1 are NaN or infinite" in r["error"], r
+            assert r["finite"]                                 # the NaN did not reach it
+        else:
+            assert r["error"] is None and r["finite"]          # not a neighbour: nothing reached it yet

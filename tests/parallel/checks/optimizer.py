@@ -7,10 +7,12 @@ Run by tests/parallel/checks/run.py: ``horovodrun -np N python tests/parallel/ch
 
 import copy
 import gc
+import json
 import os
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -201,6 +203,66 @@ def _():
     return {"skipped": skipped, "finite": bool(all_weights(model).isfinite().all())}
 
 
+def nan_weights_skip(topology, victim=1, at=2, steps=8, lr=0.1):
+    """Learner ``victim``'s weights turn NaN before step ``at`` (nonfinite="skip"). Every rank reports whether it
+    ends finite, what it left out of its mixes, its warnings, and how far its weights after step ``at`` are from
+    the rule: w_j(at+1) = sum_{k finite} W_jk w_k(at) / sum_{k finite} W_jk - lr g_j (no update on the victim,
+    whose gradient is NaN)."""
+    model = make_model()
+    opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=lr), topology=topology, seed=3,
+                                  nonfinite="skip")
+    diff = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(steps):
+            if t == at and RANK == victim:
+                with torch.no_grad():
+                    next(model.parameters()).view(-1)[0] = float("nan")
+            opt.zero_grad()
+            loss_fn(model, RANK, t).backward()
+            if t == at:
+                before, w = all_weights(model), torch.as_tensor(opt.topology.mixing_matrix(t), dtype=torch.float32)
+            opt.step()
+            if t == at:
+                after = all_weights(model)
+                row = w[RANK].clone()
+                row[victim] = 0.0
+                if row.sum() > 0:
+                    want = (row / row.sum()) @ torch.nan_to_num(before, nan=0.0)
+                    if RANK != victim:
+                        want -= lr * torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+                    diff = float((after[RANK] - want).abs().max())
+    mine = {"finite": bool(torch.cat([p.reshape(-1) for p in model.parameters()]).isfinite().all()), "diff": diff,
+            "rejected": {str(k): v for k, v in opt.rejected_weights.items()}, "skipped": opt.skipped_steps,
+            "warnings": [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]}
+    return hvd.allgather_object(mine, name=f"nan_weights_skip.{topology}")
+
+
+def nan_weights_raise(topology, victim=1, at=2):
+    """As nan_weights_skip with nonfinite="raise", ending at step ``at``: who raises, saying what."""
+    model = make_model()
+    opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), topology=topology, seed=3)
+    error = None
+    try:
+        for t in range(at + 1):
+            if t == at and RANK == victim:
+                with torch.no_grad():
+                    next(model.parameters()).view(-1)[0] = float("nan")
+            opt.zero_grad()
+            loss_fn(model, RANK, t).backward()
+            opt.step()
+    except hd.NonFiniteError as exc:
+        error = str(exc)
+    finite = bool(torch.cat([p.reshape(-1) for p in model.parameters()]).isfinite().all())
+    return hvd.allgather_object({"error": error, "finite": finite}, name=f"nan_weights_raise.{topology}")
+
+
+for topo in ("ring", "random_peer", "full"):
+    check(f"nan_weights_skip_{topo}")(lambda topo=topo: nan_weights_skip(topo))
+for topo in ("ring", "full"):
+    check(f"nan_weights_raise_{topo}")(lambda topo=topo: nan_weights_raise(topo))
+
+
 @check("noise_ssgd_replicas_identical")
 def _():
     out = []
@@ -357,9 +419,12 @@ check("error_unknown_algorithm")(lambda: expect_error(
 
 def load_other_world_size():
     directory = os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), "ckpt-other")
-    if RANK == 0:
+    if RANK == 0:  # a manifest of a checkpoint of SIZE + 3 learners
         os.makedirs(directory, exist_ok=True)
-        open(os.path.join(directory, f"learner-00000-of-{SIZE + 3:05d}.pt"), "w").close()
+        files = [{"rank": r, "name": f"learner-{r:05d}-of-{SIZE + 3:05d}.s000001.pt", "sha256": "0" * 64, "bytes": 0,
+                  "step": 0} for r in range(SIZE + 3)]
+        with open(os.path.join(directory, hd.checkpoint.MANIFEST), "w") as f:
+            json.dump({"format": 2, "size": SIZE + 3, "generation": 1, "step": 0, "files": files}, f)
     hvd.allreduce(torch.zeros(1), name="ckpt-other-ready")
     hd.checkpoint.load(directory, make_model())
 

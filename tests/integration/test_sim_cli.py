@@ -81,7 +81,11 @@ def test_the_simulated_run_writes_the_same_tensorboard_tags_and_values(both):
 def test_checkpoints_have_the_mpi_format_and_either_engine_resumes_the_other(both, tmp_path):
     mpi_files = sorted(p.name for p in (both / "mpi" / "ckpt" / "last").iterdir())
     assert mpi_files == sorted(p.name for p in (both / "sim" / "ckpt" / "last").iterdir())
-    for name in mpi_files:
+    manifests = [json.loads((both / engine / "ckpt" / "last" / "manifest.json").read_text())
+                 for engine in ("mpi", "sim")]
+    assert [(m["format"], m["size"], m["generation"], m["step"], [f["name"] for f in m["files"]]) for m in manifests] \
+        == [(2, 2, 1, 16, [f"learner-0000{j}-of-00002.s000001.pt" for j in range(2)])] * 2
+    for name in (n for n in mpi_files if n.endswith(".pt")):
         a = torch.load(both / "mpi" / "ckpt" / "last" / name, weights_only=False)
         b = torch.load(both / "sim" / "ckpt" / "last" / name, weights_only=False)
         assert (a["rank"], a["size"], a["extra"]) == (b["rank"], b["size"], b["extra"])

@@ -1,7 +1,7 @@
 """The simulator (horovod_dpsgd.sim) in one process: stacked learners, mixing products, the shared algorithms.
 
-Agreement with real MPI runs is tests/test_sim_mpi.py; here the reference is tests/reference.py (Eq. 2 with one
-model and one optimizer per learner) and closed forms.
+Agreement with real MPI runs is tests/parallel/test_sim.py; here the reference is tests/support/reference.py
+(Eq. 2 with one model and one optimizer per learner) and closed forms.
 """
 
 import copy
@@ -13,8 +13,19 @@ import torch.nn.functional as F
 import horovod_dpsgd as hd
 from horovod_dpsgd import sim, topology as topologies
 from horovod_dpsgd.sim.averaging import MixingMatrix, StackedAverager
-from mpi.common import batch, make_model
 from reference import dpsgd_reference
+
+
+def make_model(seed: int = 0, hidden: int = 16) -> torch.nn.Module:
+    """The small model of tests/parallel/checks/common.py."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 3))
+
+
+def batch(rank: int, t: int, k: int = 0, size: int = 16):
+    """Learner ``rank``'s batch of step ``t`` (pass ``k``), as in tests/parallel/checks/common.py."""
+    g = torch.Generator().manual_seed(100_000 * t + 1000 * k + rank)
+    return torch.randn(size, 8, generator=g), torch.randint(0, 3, (size,), generator=g)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -349,6 +360,53 @@ def test_raise_names_the_learner_and_the_step():
         nan_run("raise", bad=2)
 
 
+def poisoned_mix(nonfinite, topology, bad=(2,), n=4):
+    """Learners ``bad`` hold NaN weights when the optimizer mixes (``synchronize``); returns the rows before and
+    after the mix, and the optimizer."""
+    learners = sim.Learners(make_model(), n, init=[make_model(seed=j) for j in range(n)])
+    opt = sim.DistributedOptimizer(sgd(0.0)(learners.parameters()), learners, topology=topology,
+                                   nonfinite=nonfinite)
+    with torch.no_grad():
+        for p in learners.parameters():
+            for j in bad:
+                p[j] = float("nan")
+    before = rows(learners)
+    opt.synchronize()
+    return before, rows(learners), opt
+
+
+def test_skip_leaves_nonfinite_weights_out_of_the_mix_and_renormalises_as_over_mpi():
+    with pytest.warns(RuntimeWarning, match=r"learner 2: its NaN or infinite weights were left out of the mix at "
+                                            r"step 0"):
+        before, after, opt = poisoned_mix("skip", "ring")
+    # ring of 4, W_jk = 1/3: learner 0 (neighbours 3, 1) is untouched; 1 and 3 average themselves with their other
+    # neighbour; 2 takes the average of its finite neighbours 1 and 3 and rejoins
+    torch.testing.assert_close(after[0], (before[3] + before[0] + before[1]) / 3)
+    torch.testing.assert_close(after[1], (before[0] + before[1]) / 2)
+    torch.testing.assert_close(after[3], (before[3] + before[0]) / 2)
+    torch.testing.assert_close(after[2], (before[1] + before[3]) / 2)
+    assert opt.rejected_weights == {2: 3}  # left out by learners 1, 3 and itself: MPI ranks 1, 2, 3 count one each
+    assert opt._averager.screen.rejected_by_learner == [{}, {2: 1}, {2: 1}, {2: 1}]
+
+
+def test_skip_with_full_averaging_gives_every_learner_the_mean_of_the_finite_ones():
+    with pytest.warns(RuntimeWarning, match="learner 1: its NaN"):
+        before, after, _ = poisoned_mix("skip", "full", bad=(1, 3))
+    for j in range(4):
+        torch.testing.assert_close(after[j], (before[0] + before[2]) / 2)
+
+
+def test_raise_names_the_learners_that_would_mix_in_nonfinite_weights():
+    with pytest.raises(hd.NonFiniteError, match=r"learners 1, 3: at step 0 the weights of learner 2 are NaN"):
+        poisoned_mix("raise", "ring")
+
+
+def test_ignore_mixes_without_a_check():
+    _, after, opt = poisoned_mix("ignore", "ring")
+    assert opt._averager.screen is None
+    assert not bool(after[1].isfinite().any())  # no check: NaN spreads (docs/simulator.md: at once with a product)
+
+
 def test_state_dict_round_trip_continues_exactly():
     n = 3
     learners = sim.Learners(make_model(), n)
@@ -371,8 +429,8 @@ def test_state_dict_round_trip_continues_exactly():
 # -- the noise diagnostics: the plugin's own, once per learner ------------------------------------------------------
 
 def test_noise_diagnostics_measure_eq3_on_the_displacement_of_the_mean():
-    """As tests/mpi/checks.py's diagnostics check: Eq. 3 from every learner's weights before and after the step
-    (momentum and Gaussian weight noise included) and the probe gradient at w_a(t)."""
+    """As the diagnostics check of tests/parallel/checks/optimizer.py: Eq. 3 from every learner's weights before
+    and after the step (momentum and Gaussian weight noise included) and the probe gradient at w_a(t)."""
     n, lr, every = 4, 0.2, 2
     learners = sim.Learners(make_model(), n, init=[make_model(seed=j) for j in range(n)])
     probe = [batch(100, 0, size=32), batch(101, 0, size=32)]

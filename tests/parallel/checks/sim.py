@@ -1,29 +1,23 @@
 """The simulator (horovod_dpsgd.sim) against the real MPI run, case by case.
 
-Run as ``horovodrun -np N python tests/mpi/sim_agreement.py OUT.json``. Every rank trains with
-``horovod_dpsgd.DistributedOptimizer``; rank 0 then trains the same N learners with
-``horovod_dpsgd.sim.DistributedOptimizer`` (same initial weights, seeds, per-learner batches, topology and
-callbacks) and records, per case, how far learner j's weights are from rank j's, and what the callbacks saw.
-tests/test_sim_mpi.py asserts on the report.
+Each ``@check`` is one case: every rank trains with ``horovod_dpsgd.DistributedOptimizer``; rank 0 then trains
+the same N learners with ``horovod_dpsgd.sim.DistributedOptimizer`` (same initial weights, seeds, per-learner
+batches, topology and callbacks) and returns how far learner j's weights are from rank j's, what the callbacks
+saw, and the noise diagnostics. tests/parallel/test_sim.py asserts on the results. Run by
+tests/parallel/checks/run.py: ``horovodrun -np N python tests/parallel/checks/run.py OUT.json sim [CHECK ...]``.
 """
-
-import os
-import sys
-import traceback
 
 import torch
 import torch.nn.functional as F
 import horovod.torch as hvd
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import horovod_dpsgd as hd  # noqa: E402
-from horovod_dpsgd import sim  # noqa: E402
-from mpi.common import all_weights, batch, loss_fn, make_model, report  # noqa: E402
+import horovod_dpsgd as hd
+from horovod_dpsgd import sim
+from common import all_weights, batch, check, make_model
 
 hvd.init()
 RANK, SIZE = hvd.rank(), hvd.size()
 STEPS = 8
-results = {"size": SIZE}
 
 
 def optimizer(params, momentum):
@@ -136,17 +130,17 @@ def compare_seen(mpi, simulated):
 
 
 def case(name, algorithm="dpsgd", topology="ring", momentum=0.0, noise=0.0, diagnostics=False):
-    try:
+    """Register the check ``name``: the same training over MPI and in the simulator; rank 0 compares."""
+    @check(name)
+    def run():
         mpi_weights, mpi_seen, mpi_measured = mpi_run(name, algorithm, topology, momentum, noise, diagnostics)
-        if RANK == 0:
-            sim_weights, sim_seen, sim_measured = sim_run(algorithm, topology, momentum, noise, diagnostics)
-            results[name] = {
-                "rel_diff": float((sim_weights - mpi_weights).abs().max() / mpi_weights.abs().max()),
+        if RANK != 0:
+            return None
+        sim_weights, sim_seen, sim_measured = sim_run(algorithm, topology, momentum, noise, diagnostics)
+        return {"rel_diff": float((sim_weights - mpi_weights).abs().max() / mpi_weights.abs().max()),
                 "learner_spread": float((mpi_weights - mpi_weights[0]).abs().max()),
                 "callbacks": compare_seen(mpi_seen, sim_seen),
                 "diagnostics": compare_measured(mpi_measured, sim_measured) if diagnostics else None}
-    except Exception:
-        results[name] = {"error": traceback.format_exc()}
 
 
 for topology in ("ring", "random_peer", "exponential", "full"):
@@ -160,5 +154,3 @@ case("diagnostics_dpsgd_ring_momentum_noise", momentum=0.9, noise=0.003, diagnos
 case("diagnostics_dpsgd_full", topology="full", diagnostics=True)
 case("diagnostics_dpsgd_random_peer", topology="random_peer", diagnostics=True)
 case("diagnostics_ssgd_noise", algorithm="ssgd", noise=0.01, diagnostics=True)
-
-report(results)
