@@ -82,7 +82,7 @@ SEC22 = Recipe(
 #: ``make demo``: the same experiments, shorter, to fit a few minutes on 2 cores (docs/reproduction.md compares
 #: them with the full ones).
 DEMO21 = SEC21.reduced("demo2.1", "make demo's Sec. 2.1: sec2.1 with 1000 steps", max_steps=1000)
-DEMO22 = SEC22.reduced("demo2.2", "make demo's Sec. 2.2: sec2.2 with one seed", seeds=(0,))
+DEMO22 = SEC22.reduced("demo2.2", "make demo's Sec. 2.2: sec2.2 with seed 0 and 1500 steps", seeds=(0,), max_steps=1500)
 
 #: Every recipe by name.
 RECIPES: Dict[str, Recipe] = {r.name: r for r in (SEC21, SEC22, DEMO21, DEMO22)}
