@@ -39,9 +39,24 @@ def test_dpsgd_equals_single_process_reference(report, topology):
     assert r["learner_spread"] > 1e-4, "learners should hold different weights under DPSGD"
 
 
-def test_fp16_compression_of_the_exchanged_weights_stays_close_to_the_reference(report):
-    r = result(report, "reference_random_peer_fp16_wire")
+@pytest.mark.parametrize("topology", ["one_peer_exponential", "periodic_ring", "local_sgd", "hierarchical",
+                                      "hierarchical_leader", "hierarchical_uneven", "periodic_hierarchical",
+                                      "hierarchical_no_comm_thread"])
+def test_new_topologies_equal_the_single_process_reference(report, topology):
+    r = result(report, f"reference_{topology}")
+    assert r["max_abs_diff"] <= 1e-6
+    assert r["steps"] == 6
+    assert r["learner_spread"] > 1e-4, "learners should hold different weights under DPSGD"
+
+
+@pytest.mark.parametrize("name", ["random_peer", "hierarchical"])
+def test_fp16_compression_of_the_exchanged_weights_stays_close_to_the_reference(report, name):
+    r = result(report, f"reference_{name}_fp16_wire")
     assert 0 < r["max_abs_diff"] <= 5e-3  # peers' weights travel in float16 (about 3 significant digits)
+
+
+def test_the_default_topology_on_one_host_is_the_papers_random_peer(report):
+    assert result(report, "auto_topology_on_one_host")["name"] == "random peer"
 
 
 def test_full_averaging_gives_global_mean_minus_own_update(report):

@@ -3,7 +3,8 @@ r"""The averager of DPSGD over MPI: the first term of paper Eq. 2, ``w_s,j(t) = 
 :class:`NeighbourAverager` asks the topology who learner ``j`` averages with at step ``t``
 (:meth:`~horovod_dpsgd.topology.Topology.plan`), has the exchange move the weights, and mixes them into
 the parameters in place. The weights travel straight from the parameters' flat storage
-(:mod:`horovod_dpsgd.comm.buffers`), one message per peer and dtype.
+(:mod:`horovod_dpsgd.comm.buffers`), one message per peer and dtype; a plan that averages over whole
+hosts (and full averaging across hosts) is carried out host by host (:mod:`horovod_dpsgd.comm.hosts`).
 """
 
 import os
@@ -18,6 +19,7 @@ from horovod_dpsgd import topology as topologies
 from horovod_dpsgd.comm.buffers import FlatParameters
 from horovod_dpsgd.comm.exchange import (Exchange, ExchangeHandle, Transfer, abort_job_on_uncaught_exception,
                                          communicator)
+from horovod_dpsgd.comm.hosts import HostAverage, HostComms, detect_layout, host_buffers
 from horovod_dpsgd.errors import MPIEnvironmentError, ParameterMismatchError
 from horovod_dpsgd.options import Options
 
@@ -53,6 +55,15 @@ def _check_same_parameters(comm, named: Sequence[Tuple[str, torch.Tensor]]) -> N
             "rank must build the same model with the same parameter order, shapes and dtypes")
 
 
+def _host_comms(comm, topology: topologies.Topology, layout: topologies.HostLayout) -> Optional[HostComms]:
+    """The host communicators the topology's plans need: for its own host layout (hierarchical), or for the
+    job's when several hosts run several learners each (full averages go host by host). Collective."""
+    if topology.layout is None and not (layout.num_hosts > 1 and max(layout.local_sizes) > 1):
+        return None
+    layout = topology.layout or layout
+    return HostComms(comm, layout, topology.shards or min(layout.local_sizes))
+
+
 class NeighbourAverager:
     """Moves and mixes learner ``rank``'s weights with its neighbours', one step at a time.
 
@@ -66,15 +77,18 @@ class NeighbourAverager:
         "topology", "rank", "size",
         # what moves, and how: the parameters' flat storage, the exchange, the wire format
         "flat", "exchange", "compression",
+        # averages over whole hosts: the hosts' communicators, each flat group's work buffers
+        "hosts", "_host_buffers",
         # the step in flight
         "_plan", "_handle",
         "__weakref__",
     )
 
     def __init__(self, flat: FlatParameters, exchange: Exchange, topology: topologies.Topology, *, rank: int,
-                 size: int, compression: Compressor):
+                 size: int, compression: Compressor, hosts: Optional[HostComms] = None):
         self.topology, self.rank, self.size = topology, rank, size
         self.flat, self.exchange, self.compression = flat, exchange, compression
+        self.hosts, self._host_buffers = hosts, None
         self._plan: Optional[topologies.MixingPlan] = None
         self._handle: Optional[ExchangeHandle] = None
         # The communication thread ends with the averager. Not at interpreter exit: the daemon thread
@@ -86,7 +100,8 @@ class NeighbourAverager:
                compression: Compressor) -> "NeighbourAverager":
         """The averager of this Horovod rank over all ranks. Collective: every rank must call it.
 
-        Moves the parameters into flat storage and checks that every rank trains the same parameters.
+        Detects the host layout (:func:`~horovod_dpsgd.comm.hosts.detect_layout`), builds the topology for it,
+        moves the parameters into flat storage and checks that every rank trains the same parameters.
         """
         rank, size = hvd.rank(), hvd.size()
         if size == 1 and not _launched_by_mpi():
@@ -94,28 +109,45 @@ class NeighbourAverager:
                 "horovod-dpsgd was started as a single plain `python` process, so there are no neighbours to "
                 "average with: launch with `horovodrun -np N python ...` (or `mpirun -np N ...`); "
                 "`horovodrun -np 1` trains one learner on purpose")
-        topology = topologies.from_name(options.topology, size, options.seed)
         _check_floating(named)
-        flat = FlatParameters([p for _, p in named], cuda_aware=options.cuda_aware)
         comm = communicator(rank, size, options.timeout)
+        layout = detect_layout(comm)
+        topology = topologies.from_name(options.topology, size, options.seed, layout=layout)
+        flat = FlatParameters([p for _, p in named], cuda_aware=options.cuda_aware)
         _check_same_parameters(comm, named)
+        hosts = _host_comms(comm, topology, layout)
         abort_job_on_uncaught_exception()
-        return cls(flat, Exchange(comm, options.timeout, options.overlap), topology, rank=rank, size=size,
-                   compression=compression)
+        exchange = Exchange(comm, options.timeout, options.overlap,
+                            where=layout.where if layout.num_hosts > 1 else None)
+        return cls(flat, exchange, topology, rank=rank, size=size, compression=compression, hosts=hosts)
 
     def start(self, step: int) -> None:
         """Send ``w_j(step)`` to the peers of ``step``'s plan and post the receives."""
         plan = self.topology.plan(self.rank, step)
+        self._plan = plan
+        if plan.hosts or (plan.collective and self.hosts is not None):
+            self._handle = self.exchange.submit(self._host_average(plan, step))
+            return
         transfers: List[Transfer] = []
         for group in self.flat.groups:
             send = group.send_buffer()
             if plan.collective:
                 transfers.append(Transfer(send, None, [group.sum_buffer()]))
-            elif plan.peers:
+            elif plan.peers or plan.destinations:
                 wire, _ = self.compression.compress(send)
-                transfers.append(Transfer(wire, plan.peers, group.recv_buffers(len(plan.peers), wire.dtype)))
-        self._plan = plan
+                transfers.append(Transfer(wire, plan.peers, group.recv_buffers(len(plan.peers), wire.dtype),
+                                          plan.send_to))
         self._handle = self.exchange.start(transfers, step, plan.peers) if transfers else None
+
+    def _host_average(self, plan: topologies.MixingPlan, step: int) -> HostAverage:
+        """The average over the plan's hosts (every host, own first, for full averaging)."""
+        comms = self.hosts
+        hosts = plan.hosts or (comms.host_index,) + tuple(h for h in range(comms.layout.num_hosts)
+                                                           if h != comms.host_index)
+        if self._host_buffers is None:
+            self._host_buffers = host_buffers(self.flat.groups, comms.shards)
+        sends = [group.send_buffer() for group in self.flat.groups]
+        return HostAverage(self.exchange, comms, sends, self._host_buffers, step, hosts, self.compression)
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -125,6 +157,10 @@ class NeighbourAverager:
             return
         handle.wait()
         self._handle = None
+        if isinstance(handle, HostAverage):
+            for group, mean in zip(self.flat.groups, handle.results()):
+                group.assign(mean)
+            return
         for group, transfer in zip(self.flat.groups, handle.transfers):
             if plan.collective:
                 group.set_average(transfer.recv[0], self.size)

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import List, NamedTuple, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -116,14 +116,15 @@ def abort_job_on_uncaught_exception() -> None:
 class Transfer(NamedTuple):
     """One flat buffer's traffic in an exchange.
 
-    Point-to-point: ``send`` goes to every peer in ``peers``; ``recv[i]`` receives from
-    ``peers[i]``. Collective (``peers is None``): ``recv[0]`` receives the sum of ``send``
-    over all ranks.
+    Point-to-point: ``send`` goes to every rank in ``dests`` (``peers`` when ``None``, as for a
+    symmetric topology); ``recv[i]`` receives from ``peers[i]``. Collective (``peers is None``):
+    ``recv[0]`` receives the sum of ``send`` over all ranks.
     """
 
     send: torch.Tensor
     peers: Optional[Sequence[int]]
     recv: Sequence[torch.Tensor]
+    dests: Optional[Sequence[int]] = None
 
 
 def _as_bytes(t: torch.Tensor):
@@ -149,7 +150,8 @@ class ExchangeHandle:
         self._claim = threading.Lock()  # taken by the thread that completes the exchange
         self._error: Optional[BaseException] = None
         self._requests: List = []
-        self._request_peers: List[Optional[int]] = []  # peer of each request (None: collective)
+        # what each request waits for: a peer's rank, or (collectives) None or a description of the collective
+        self._request_peers: List[Union[int, str, None]] = []
         self._staged = []  # (float32 copy, destination) of collectives on reduced precision
 
     def _post(self) -> None:
@@ -168,7 +170,7 @@ class ExchangeHandle:
             for peer, buf in zip(t.peers, t.recv):
                 self._requests.append(comm.Irecv(_as_bytes(buf), source=peer, tag=tag))
                 self._request_peers.append(peer)
-            for peer in t.peers:
+            for peer in (t.peers if t.dests is None else t.dests):
                 self._requests.append(comm.Isend(_as_bytes(t.send), dest=peer, tag=tag))
                 self._request_peers.append(peer)
 
@@ -183,6 +185,8 @@ class ExchangeHandle:
                 self._post()
             deadline = time.monotonic() + self._exchange.timeout
             _wait_requests(self._requests, deadline, self._timeout_message, self._urgent)
+            while self._next_round():
+                _wait_requests(self._requests, deadline, self._timeout_message, self._urgent)
             for tmp, out in self._staged:
                 out.copy_(tmp)
         except BaseException as exc:  # handed to the waiting thread
@@ -190,14 +194,27 @@ class ExchangeHandle:
         finally:
             self._done.set()
 
+    def _next_round(self) -> bool:
+        """Post the requests of the exchange's next round, once the previous ones completed; False when done.
+
+        A plain exchange has one round. Subclasses with several (e.g. a sum inside each host, then an
+        exchange across hosts) replace ``_requests`` and ``_request_peers`` here.
+        """
+        return False
+
     def _timeout_message(self, pending: Sequence[int] = ()) -> str:
-        silent = sorted({self._request_peers[i] for i in pending if self._request_peers[i] is not None})
-        if silent:
-            who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} did not answer"
+        where = self._exchange.where
+        waits = [self._request_peers[i] for i in pending]
+        silent = sorted({p for p in waits if isinstance(p, int)})
+        stuck = sorted({p for p in waits if isinstance(p, str)})
+        if silent or stuck:
+            who = "; ".join(([f"{', '.join(map(where, silent))} did not answer"] if silent else []) +
+                            [f"{what} did not complete" for what in stuck])
         elif pending:
             who = "the allreduce over all ranks did not complete"
         else:
-            who = f"peers {list(self.peers)} did not answer" if self.peers else "the allreduce did not complete"
+            who = f"peers {', '.join(map(where, self.peers))} did not answer" if self.peers else \
+                "the allreduce did not complete"
         return (f"rank {self._exchange.comm.Get_rank()}: in the weight exchange of step {self.step}, {who} "
                 f"within {self._exchange.timeout:g} s. A peer has died, hangs, or runs "
                 "a different number of steps (use drop_last=True in the DistributedSampler so every rank "
@@ -225,10 +242,13 @@ class Exchange:
             otherwise requests are posted at :meth:`start` and completed in ``wait()``.
     """
 
-    def __init__(self, comm, timeout: float = DEFAULT_TIMEOUT, overlap: bool = True):
+    def __init__(self, comm, timeout: float = DEFAULT_TIMEOUT, overlap: bool = True,
+                 where: Optional[Callable[[int], str]] = None):
         MPI = _mpi()
         self.comm = comm
         self.timeout = float(timeout)
+        #: How messages name a rank (e.g. with its host): ``where(rank)``.
+        self.where = where or (lambda rank: f"rank {rank}")
         self._worker = None
         if overlap and MPI.Query_thread() >= MPI.THREAD_MULTIPLE:
             # A daemon thread: a process that exits (or dies) never waits for a blocked exchange.
@@ -246,7 +266,10 @@ class Exchange:
 
     def start(self, transfers: Sequence[Transfer], step: int, peers: Sequence[int] = ()) -> ExchangeHandle:
         """Start moving ``transfers``; ``peers`` only names them in error messages."""
-        handle = ExchangeHandle(self, transfers, step, peers)
+        return self.submit(ExchangeHandle(self, transfers, step, peers))
+
+    def submit(self, handle: ExchangeHandle) -> ExchangeHandle:
+        """Start an exchange built on this one (an :class:`ExchangeHandle` or a subclass of it)."""
         if self._worker is not None:
             self._jobs.put(handle)
         else:

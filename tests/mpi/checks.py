@@ -81,6 +81,27 @@ check("reference_ring_no_comm_thread")(lambda: dpsgd_vs_reference("ring", overla
 check("reference_random_peer_fp16_wire")(lambda: dpsgd_vs_reference("random_peer", compression=hvd.Compression.fp16))
 check("reference_user_matrix")(lambda: dpsgd_vs_reference(hd.topology.ring(SIZE).mixing_matrix()))
 
+# Host-aware topologies with an explicit layout (every "host" shares this machine): two hosts, and an uneven
+# layout (at np 4 three hosts, so the host matching changes and a full average sums across hosts by allreduce).
+HOSTS = {2: "2x1", 3: "2,1", 4: "2x2"}[SIZE] if SIZE in (2, 3, 4) else f"{SIZE // 2},{SIZE - SIZE // 2}"
+UNEVEN = {2: "1,1", 3: "1,2", 4: "2,1,1"}.get(SIZE, HOSTS)
+for name, spec, options in (
+        ("one_peer_exponential", "one_peer_exponential", {}),
+        ("periodic_ring", "periodic:3:ring", {}),
+        ("local_sgd", "local_sgd:3", {}),
+        ("hierarchical", f"hierarchical:{HOSTS}", {}),
+        ("hierarchical_leader", f"hierarchical:{HOSTS}:leader", {}),
+        ("hierarchical_uneven", f"hierarchical:{UNEVEN}", {}),
+        ("periodic_hierarchical", f"periodic:2:hierarchical:{UNEVEN}", {}),
+        ("hierarchical_no_comm_thread", f"hierarchical:{HOSTS}", {"overlap": False}),
+        ("hierarchical_fp16_wire", f"hierarchical:{HOSTS}", {"compression": hvd.Compression.fp16})):
+    check(f"reference_{name}")(lambda spec=spec, options=options: dpsgd_vs_reference(spec, **options))
+
+
+@check("auto_topology_on_one_host")
+def _():
+    return {"name": hd.DistributedOptimizer(sgd(make_model())).topology.name}
+
 
 @check("full_averaging")
 def _():
