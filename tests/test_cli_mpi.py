@@ -95,7 +95,9 @@ def test_resuming_appends_to_the_metrics_file(trained, tmp_path):
 
 
 def test_a_checkpoint_each_epoch_even_when_evaluating_less_often(tmp_path):
-    """issue 15: with --eval-every 3, a run killed in epoch 3 has the checkpoint of epoch 2."""
+    """issue 15: with --eval-every 4, a run killed in epoch 3 has a checkpoint of an epoch before (epoch 2, or
+    epoch 3 if the kill, which follows rank 0's progress line through horovodrun's output, lands after its end;
+    without a checkpoint each epoch the first one would be epoch 4's)."""
     import os
     import signal
     import subprocess
@@ -104,7 +106,7 @@ def test_a_checkpoint_each_epoch_even_when_evaluating_less_often(tmp_path):
     from horovod_dpsgd.experiments.launch import horovodrun_env
     from launch import REPO
     cmd = horovodrun_command(2, ["-m", "horovod_dpsgd.experiments.cli", "train", "--batch-size", "100", "--lr", "0.5",
-                                 "--epochs", "3", "--eval-every", "3", "--checkpoint-dir", str(tmp_path / "ckpt")])
+                                 "--epochs", "4", "--eval-every", "4", "--checkpoint-dir", str(tmp_path / "ckpt")])
     proc = subprocess.Popen(cmd, cwd=REPO, env={**horovodrun_env(2), "PYTHONPATH": str(REPO)}, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     lines, in_epoch_3 = [], threading.Event()
@@ -125,7 +127,7 @@ def test_a_checkpoint_each_epoch_even_when_evaluating_less_often(tmp_path):
         reader.join(timeout=10)
     assert reached, "".join(lines)[-4000:]
     _, extra = checkpoint.load_average(str(tmp_path / "ckpt" / "last"))
-    assert extra["epoch"] == 2
+    assert extra["epoch"] in (2, 3)
 
 
 def test_topology_is_validated_for_the_world_size_in_the_job(tmp_path):

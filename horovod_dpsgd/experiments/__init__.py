@@ -2,8 +2,8 @@
 
 The command line (:mod:`.cli`), the configuration of a run (:mod:`.config`), the training loop
 (:mod:`.training`), datasets (:mod:`.data`), the paper's models (:mod:`.models`), learning-rate recipes
-(:mod:`.recipes`), run reports (:mod:`.reports`), loss-landscape pictures (:mod:`.landscape`) and job
-launching (:mod:`.launch`).
+(:mod:`.recipes`), run reports (:mod:`.reports`), loss-landscape pictures (:mod:`.landscape`), job
+launching (:mod:`.launch`) and emulated hosts on one machine (:mod:`.cluster`).
 
 It imports the plugin (:mod:`horovod_dpsgd`), never the reverse, and needs the ``experiments`` extra:
 ``pip install 'horovod-dpsgd[experiments]'`` (click, matplotlib, mlxtend, torchvision).

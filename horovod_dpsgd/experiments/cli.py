@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import click
 
 from horovod_dpsgd.errors import MPIEnvironmentError
+from horovod_dpsgd.experiments.cluster.cli import cluster
 from horovod_dpsgd.experiments.config import (CommaSeparated, ConfigError, TopologySpec, TrainConfig, click_options,
                                               output_names, parse_assignments, resolve, setting_names)
 from horovod_dpsgd.experiments.launch import horovodrun_command, horovodrun_env, started_by_launcher
@@ -266,6 +267,8 @@ def _save_with_tensorboard(save, result, path):
     writer.close()
     return list(files.values()) + [writer.log_dir]
 
+
+main.add_command(cluster)
 
 if __name__ == "__main__":
     main()
