@@ -8,19 +8,23 @@ Under DPSGD each learner holds different weights, so a checkpoint is one file pe
 
 Each file holds the learner's model and optimizer state (which includes the step counter that
 drives dynamic topologies such as the random peer schedule) and the torch RNG state, so a
-resumed run continues bit for bit like the uninterrupted one. Files are written to a temporary
-name and renamed, so a crash never leaves a half-written checkpoint.
+resumed run continues bit for bit like the uninterrupted one. A checkpoint is committed as a whole:
+the learners write their files into ``DIR.partial``, and once all of them have, it replaces ``DIR``.
+A job that dies while saving (a learner killed, a host lost, a link cut) leaves the previous
+checkpoint in ``DIR`` complete, never a mix of files from two steps.
 
 :func:`average_model` gives the learners' average ``w_a`` for evaluation and inference.
 """
 
 import copy
 import os
+import shutil
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 import horovod.torch as hvd
 
+from horovod_dpsgd.comm.exchange import DEFAULT_TIMEOUT, timed_barrier
 from horovod_dpsgd.errors import DPSGDError
 
 __all__ = ["save", "load", "load_average", "average_model", "CheckpointError"]
@@ -36,11 +40,25 @@ def _learner_file(directory: str, rank: int, size: int) -> str:
     return os.path.join(directory, f"learner-{rank:05d}-of-{size:05d}.pt")
 
 
+def _barrier(optimizer, what: str) -> None:
+    """Wait until every learner arrives here, at most the optimizer's ``timeout`` (a dead learner must not
+    make the others wait forever); Horovod's allreduce where the job has no MPI world (``--gloo``)."""
+    timeout = getattr(getattr(optimizer, "options", None), "timeout", None) or \
+        float(os.environ.get("HOROVOD_DPSGD_TIMEOUT", DEFAULT_TIMEOUT))
+    if not timed_barrier(hvd.size(), timeout, what):
+        hvd.allreduce(torch.zeros(1), name=f"horovod_dpsgd.checkpoint.{what}")
+
+
 def save(directory: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
          extra: Optional[Dict[str, Any]] = None) -> str:
-    """Write this learner's checkpoint into ``directory``; call on every rank. Returns the file."""
+    """Write this learner's checkpoint into ``directory``; call on every rank. Returns the file.
+
+    The files go into ``directory.partial`` first; when every learner has written its file, rank 0 puts that
+    directory in place of ``directory`` (the previous checkpoint, if any, is kept until then).
+    """
     rank, size = hvd.rank(), hvd.size()
-    os.makedirs(directory, exist_ok=True)
+    directory = os.path.normpath(directory)
+    partial = directory + ".partial"
     state = {
         "format": _FORMAT, "rank": rank, "size": size,
         "model": model.state_dict(),
@@ -48,18 +66,34 @@ def save(directory: str, model: torch.nn.Module, optimizer: Optional[torch.optim
         "torch_rng": torch.get_rng_state(),
         "extra": extra or {},
     }
-    path = _learner_file(directory, rank, size)
+    if rank == 0:  # what a job that died while saving left behind
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    _barrier(optimizer, f"checkpoint.save({directory!r}): not every learner started saving")
+    path = _learner_file(partial, rank, size)
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
-    hvd.allreduce(torch.zeros(1), name=f"horovod_dpsgd.checkpoint.save.{directory}")  # all files are complete
-    return path
+    _barrier(optimizer, f"checkpoint.save({directory!r}): not every learner wrote its file; the previous "
+                        f"checkpoint in {directory} is kept")
+    if rank == 0:
+        old = directory + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(directory):
+            os.rename(directory, old)
+        os.rename(partial, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier(optimizer, f"checkpoint.save({directory!r}): rank 0 did not commit the checkpoint")
+    return _learner_file(directory, rank, size)
 
 
 def load(directory: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
          restore_rng: bool = True) -> Dict[str, Any]:
     """Restore this learner from ``directory`` (made by :func:`save`); returns the saved ``extra``."""
     rank, size = hvd.rank(), hvd.size()
+    directory = os.path.normpath(directory)
+    if not os.path.exists(directory) and os.path.isdir(directory + ".old"):
+        directory += ".old"  # a job died between putting the previous checkpoint aside and the new one in place
     path = _learner_file(directory, rank, size)
     if not os.path.exists(path):
         found = sorted(f for f in os.listdir(directory) if f.startswith("learner-")) if os.path.isdir(directory) else []

@@ -141,6 +141,13 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_run_bit_for_bit(report):
     assert r["files"] == [f"learner-{j:05d}-of-{n:05d}.pt" for j in range(n)]  # no temporary files left
 
 
+def test_a_save_interrupted_after_some_learners_wrote_keeps_the_previous_checkpoint(report):
+    r = result(report, "checkpoint_interrupted_save_keeps_the_previous_one")
+    assert r["extra"] == {"step": 2} and r["diff"] == 0.0
+    assert r["after"] == {"step": 4} and r["step"] == 4
+    assert r["entries"] == ["last"]  # the partial save was replaced, nothing left beside the checkpoint
+
+
 GLOO_SCRIPT = """
 import torch, horovod.torch as hvd, horovod_dpsgd as hd
 hvd.init()

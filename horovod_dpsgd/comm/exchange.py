@@ -19,8 +19,8 @@ import torch
 
 from horovod_dpsgd.errors import ExchangeTimeoutError, MPIEnvironmentError
 
-__all__ = ["communicator", "abort_job_on_uncaught_exception", "Transfer", "Exchange", "ExchangeHandle",
-           "DEFAULT_TIMEOUT"]
+__all__ = ["communicator", "abort_job_on_uncaught_exception", "timed_barrier", "Transfer", "Exchange",
+           "ExchangeHandle", "DEFAULT_TIMEOUT"]
 
 #: Seconds a blocking wait may take before it fails (``HOROVOD_DPSGD_TIMEOUT`` overrides it).
 DEFAULT_TIMEOUT = 300.0
@@ -88,6 +88,19 @@ def communicator(rank: int, size: int, timeout: float = DEFAULT_TIMEOUT):
         warnings.warn("MPI does not provide MPI_THREAD_MULTIPLE; horovod-dpsgd exchanges weights without a "
                       "communication thread, so communication overlaps computation less", RuntimeWarning)
     return comm
+
+
+def timed_barrier(size: int, timeout: float, what: str) -> bool:
+    """Wait until all ranks of ``MPI.COMM_WORLD`` arrive, at most ``timeout`` seconds, then raise
+    :class:`ExchangeTimeoutError` with ``what``. False (without waiting) when MPI's world is not the job's
+    ``size`` ranks (a launch without MPI)."""
+    MPI = _mpi()
+    world = MPI.COMM_WORLD
+    if world.Get_size() != size:
+        return False
+    _wait_requests([world.Ibarrier()], time.monotonic() + timeout,
+                   f"rank {world.Get_rank()}: {what} within {timeout:g} s (a learner died or hangs)")
+    return True
 
 
 def abort_job_on_uncaught_exception() -> None:

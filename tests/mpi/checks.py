@@ -214,6 +214,32 @@ def _():
             "files": sorted(os.listdir(directory))}
 
 
+@check("checkpoint_interrupted_save_keeps_the_previous_one")
+def _():
+    """A save that died after some learners wrote their files leaves the previous checkpoint whole."""
+    parent = os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), "atomic")
+    directory = os.path.join(parent, "last")
+    model = make_model()
+    opt = hd.DistributedOptimizer(sgd(model), topology="ring")
+    train_steps(model, opt, 0, 2)
+    hd.checkpoint.save(directory, model, opt, extra={"step": 2})
+    saved = all_weights(model)
+    train_steps(model, opt, 2, 4)
+    if RANK == 0:  # what a job killed in the middle of its next save leaves: rank 0's new file, nobody else's
+        os.makedirs(directory + ".partial")
+        torch.save({"format": 1, "rank": 0, "size": SIZE}, os.path.join(directory + ".partial",
+                                                                        f"learner-00000-of-{SIZE:05d}.pt"))
+    hvd.allreduce(torch.zeros(1), name="atomic-ready")
+    model2 = make_model(seed=9)
+    opt2 = hd.DistributedOptimizer(sgd(model2), topology="ring")
+    extra = hd.checkpoint.load(directory, model2, opt2)
+    diff = float((all_weights(model2) - saved).abs().max())
+    hd.checkpoint.save(directory, model, opt, extra={"step": 4})  # a later save over the leftovers
+    after = hd.checkpoint.load(directory, model2, opt2)
+    return {"extra": extra, "diff": diff, "after": after, "entries": sorted(os.listdir(parent)),
+            "step": opt2.step_count}
+
+
 def nan_at(rank_set, step, nonfinite, steps=5):
     model = make_model()
     opt = hd.DistributedOptimizer(sgd(model), topology="ring", nonfinite=nonfinite)
