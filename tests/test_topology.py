@@ -268,3 +268,26 @@ def test_hierarchical_shards_and_its_printout():
 def test_the_default_topology_follows_the_host_layout(layout, expected):
     topo = T.from_name("auto", size=4, layout=T.HostLayout.parse(layout) if layout else None)
     assert topo.name == expected
+
+
+@pytest.mark.parametrize("layout,spec,per_host", [
+    ("2x2", "hierarchical", 1.0), ("2x2", "hierarchical:leader", 1.0), ("4x2", "hierarchical", 1.0),
+    ("2x4", "auto", 1.0), ("2x2", "full", 1.0), ("2x2", "ring", 2.0), ("4x1", "ring", 2.0),
+    ("4x1", "full", 1.5), ("4x2", "full", 1.5),  # an allreduce: counted as a ring allreduce's 2 (m - 1) / m
+])
+def test_bytes_across_hosts_per_step(layout, spec, per_host):
+    layout = T.HostLayout.parse(layout)
+    topo = T.from_name(spec, layout.size, layout=layout)
+    for t in range(8):
+        np.testing.assert_allclose(T.cross_host_bytes(topo, layout, t, 1000), per_host * 1000)
+    np.testing.assert_allclose(T.cross_host_bytes(T.from_name("hierarchical", layout.size, layout=layout), layout,
+                                                  0, 1000, wire=0.5), 500 if layout.num_hosts > 1 else 0)
+
+
+def test_a_random_peer_sends_one_model_per_learner_whose_partner_is_on_another_host():
+    layout = T.HostLayout.parse("2x2")
+    topo = T.RandomPeer(4, seed=1)
+    for t in range(20):
+        partner = topo.partners(t)
+        off = [sum(layout.host_of(int(partner[j])) != h for j in ranks) for h, ranks in enumerate(layout.hosts)]
+        np.testing.assert_allclose(T.cross_host_bytes(topo, layout, t, 10), np.array(off) * 10)

@@ -56,11 +56,12 @@ def _check_same_parameters(comm, named: Sequence[Tuple[str, torch.Tensor]]) -> N
 
 
 def _host_comms(comm, topology: topologies.Topology, layout: topologies.HostLayout) -> Optional[HostComms]:
-    """The host communicators the topology's plans need: for its own host layout (hierarchical), or for the
-    job's when several hosts run several learners each (full averages go host by host). Collective."""
-    if topology.layout is None and not (layout.num_hosts > 1 and max(layout.local_sizes) > 1):
+    """The host communicators the topology's plans need (:func:`~horovod_dpsgd.topology.averages_by_host`):
+    for its own host layout (hierarchical), or for the job's when several hosts run several learners each
+    (full averages go host by host). Collective."""
+    layout = topologies.averages_by_host(topology, layout)
+    if layout is None:
         return None
-    layout = topology.layout or layout
     return HostComms(comm, layout, topology.shards or min(layout.local_sizes))
 
 

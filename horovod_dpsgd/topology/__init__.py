@@ -29,7 +29,8 @@ from horovod_dpsgd.errors import TopologyError
 from horovod_dpsgd.topology.base import (MixingPlan, Topology, consensus_contraction, metropolis_hastings_weights,
                                          spectral_gap, validate_mixing_matrix)
 from horovod_dpsgd.topology.dynamic import OnePeerExponential, Periodic, RandomPeer
-from horovod_dpsgd.topology.hosts import Hierarchical, HostLayout, default_topology
+from horovod_dpsgd.topology.hosts import (Hierarchical, HostLayout, averages_by_host, cross_host_bytes,
+                                          default_topology)
 from horovod_dpsgd.topology.names import TOPOLOGY_NAMES, check_name, from_name
 from horovod_dpsgd.topology.static import (StaticTopology, exponential, from_graph, from_mixing_matrix, full,
                                            random_graph, ring)
@@ -37,6 +38,6 @@ from horovod_dpsgd.topology.static import (StaticTopology, exponential, from_gra
 __all__ = [
     "MixingPlan", "Topology", "StaticTopology", "RandomPeer", "OnePeerExponential", "Periodic", "Hierarchical",
     "HostLayout", "ring", "exponential", "random_graph", "full", "from_mixing_matrix", "from_graph",
-    "from_name", "check_name", "default_topology", "metropolis_hastings_weights", "validate_mixing_matrix", "spectral_gap",
+    "from_name", "check_name", "default_topology", "averages_by_host", "cross_host_bytes", "metropolis_hastings_weights", "validate_mixing_matrix", "spectral_gap",
     "consensus_contraction", "TOPOLOGY_NAMES", "TopologyError",
 ]

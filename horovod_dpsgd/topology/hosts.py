@@ -14,7 +14,7 @@ from horovod_dpsgd.errors import TopologyError
 from horovod_dpsgd.topology.base import MixingPlan, Topology
 from horovod_dpsgd.topology.dynamic import RandomPeer, matching_probability, random_matching
 
-__all__ = ["HostLayout", "Hierarchical", "default_topology"]
+__all__ = ["HostLayout", "Hierarchical", "default_topology", "averages_by_host", "cross_host_bytes"]
 
 
 class HostLayout:
@@ -219,3 +219,49 @@ def default_topology(size: int, seed: int = 0, layout: Optional[HostLayout] = No
     if layout is not None and layout.num_hosts > 1 and max(layout.local_sizes) > 1:
         return Hierarchical(layout, seed)
     return RandomPeer(size, seed)
+
+
+def averages_by_host(topology: Topology, layout: HostLayout) -> Optional[HostLayout]:
+    """The layout over which the averager carries out host averages of ``topology`` on a job laid out as
+    ``layout``: the topology's own (hierarchical topologies), or the job's when several hosts run several
+    learners each (then full averaging goes host by host too); ``None``: plans are point-to-point, and full
+    averaging is one MPI allreduce."""
+    if topology.layout is not None:
+        return topology.layout
+    if layout.num_hosts > 1 and max(layout.local_sizes) > 1:
+        return layout
+    return None
+
+
+def cross_host_bytes(topology: Topology, layout: HostLayout, step: int, nbytes: float,
+                     wire: float = 1.0) -> np.ndarray:
+    """Bytes each host of ``layout`` sends to other hosts at ``step``, for a model of ``nbytes`` bytes sent in
+    ``wire`` of its size (0.5 with fp16 compression), as the averager carries out ``topology``'s plans.
+
+    A point-to-point plan sends the model to each destination on another host. A host average (see
+    :class:`Hierarchical`) sends, from each of a host's ``shards`` carriers, its piece of the host's sum to
+    the carrier of the same piece on each peer host: the model's bytes once per peer host. An MPI allreduce
+    (full averaging with one learner per host; with more than two hosts, the carriers' sum of their piece)
+    is counted as a ring allreduce, ``2 (m - 1) / m`` of its bytes for ``m`` participants: an estimate, as
+    MPI picks its own algorithm (fp16 compression does not apply to allreduces).
+    """
+    by_host = averages_by_host(topology, layout)
+    shards = (topology.shards or min(by_host.local_sizes)) if by_host is not None else 1
+    sent = np.zeros(layout.num_hosts)
+    for rank in range(topology.size):
+        plan, host = topology.plan(rank, step), layout.host_of(rank)
+        if plan.hosts or (plan.collective and by_host is not None):
+            index = by_host.local_index(rank)
+            if index >= shards:
+                continue
+            piece = int((index + 1) * nbytes // shards) - int(index * nbytes // shards)
+            hosts = len(plan.hosts) if plan.hosts else by_host.num_hosts
+            if hosts == by_host.num_hosts > 2:  # the carriers of the piece allreduce it
+                sent[host] += 2 * (hosts - 1) / hosts * piece
+            else:
+                sent[host] += piece * wire * (hosts - 1)
+        elif plan.collective:  # one learner per host: an allreduce over all of them
+            sent[host] += 2 * (topology.size - 1) / topology.size * nbytes
+        else:
+            sent[host] += nbytes * wire * sum(layout.host_of(k) != host for k in plan.destinations)
+    return sent
