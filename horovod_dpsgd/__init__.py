@@ -24,7 +24,8 @@ from horovod_dpsgd import _deprecated
 from horovod_dpsgd.callbacks import Callback, GaussianNoise, StepContext
 from horovod_dpsgd.diagnostics import NoiseDiagnostics
 from horovod_dpsgd.errors import (DPSGDError, ExchangeTimeoutError, MPIEnvironmentError, NonFiniteError,
-                                  ParameterMismatchError, TopologyError)
+                                  ParameterMismatchError, SettingsMismatchError, StallWarning, StepMismatchError,
+                                  TopologyError)
 from horovod_dpsgd.optimizer import ALGORITHMS, DistributedOptimizer
 from horovod_dpsgd.options import Options
 from horovod_dpsgd import checkpoint, topology
@@ -35,5 +36,5 @@ __all__ = [
     "DistributedOptimizer", "Options", "ALGORITHMS", "topology", "checkpoint",
     "Callback", "StepContext", "GaussianNoise", "NoiseDiagnostics",
     "DPSGDError", "TopologyError", "MPIEnvironmentError", "ExchangeTimeoutError",
-    "ParameterMismatchError", "NonFiniteError",
+    "ParameterMismatchError", "NonFiniteError", "SettingsMismatchError", "StepMismatchError", "StallWarning",
 ]

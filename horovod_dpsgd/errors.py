@@ -11,6 +11,9 @@ __all__ = [
     "ExchangeTimeoutError",
     "ParameterMismatchError",
     "NonFiniteError",
+    "SettingsMismatchError",
+    "StepMismatchError",
+    "StallWarning",
 ]
 
 
@@ -36,3 +39,15 @@ class ParameterMismatchError(DPSGDError, ValueError):
 
 class NonFiniteError(DPSGDError, FloatingPointError):
     """A loss or parameter became NaN or infinite."""
+
+
+class SettingsMismatchError(DPSGDError, ValueError):
+    """Ranks built the optimizer with different settings (algorithm, topology, seed, ...)."""
+
+
+class StepMismatchError(DPSGDError):
+    """Ranks disagree on the step count: a learner finished early, resumed at another step, or skipped one."""
+
+
+class StallWarning(RuntimeWarning):
+    """A wait for other learners has lasted long (the job fails when it reaches the timeout)."""

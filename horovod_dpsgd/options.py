@@ -40,9 +40,11 @@ class Options:
         overlap: exchange on a communication thread, overlapping the backward pass.
         cuda_aware: hand CUDA buffers to MPI directly (``None``: ``HOROVOD_DPSGD_CUDA_AWARE=1``); otherwise
             they are staged through pinned host memory.
-        nonfinite: what a NaN or infinite gradient does: ``"raise"``
-            :class:`~horovod_dpsgd.NonFiniteError` naming the step, rank and parameter; ``"skip"`` this
-            learner's update (counted in ``skipped_steps``); ``"ignore"`` (no check, as Horovod).
+        nonfinite: what a NaN or infinite gradient, or (DPSGD) NaN or infinite weights about to be mixed, do:
+            ``"raise"`` :class:`~horovod_dpsgd.NonFiniteError` naming the step, rank and parameter (gradients) or
+            the source rank (weights); ``"skip"`` this learner's update (counted in ``skipped_steps``), or leave
+            the weights out of the mix (counted in ``rejected_weights``, see :mod:`horovod_dpsgd.comm.screen`);
+            ``"ignore"`` (no check, as Horovod).
 
     ``None`` defaults are resolved from the environment when the options are built, so the object holds the
     values in force.

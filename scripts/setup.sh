@@ -8,6 +8,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-$ROOT/.venv}
 HOROVOD_VERSION=0.28.1
 CACHE=${HOROVOD_DPSGD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/horovod-dpsgd}
+SDIST="$CACHE/horovod-$HOROVOD_VERSION.tar.gz"   # Horovod's source distribution, downloaded once
 STEP="start"
 trap 'echo "setup.sh: FAILED at step: $STEP (see the output above; re-run make setup after fixing it)" >&2' ERR
 
@@ -58,8 +59,12 @@ if ! echo "$CHECK" | grep -q "\[X\] PyTorch"; then
     if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
         log "building Horovod $HOROVOD_VERSION wheel (about 3-5 minutes on 2 cores; cached in $WHEEL_DIR)"
         BUILD=$(mktemp -d)
-        $PIP download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$BUILD"
-        tar -xzf "$BUILD"/horovod-$HOROVOD_VERSION.tar.gz -C "$BUILD"
+        if [ ! -f "$SDIST" ]; then
+            mkdir -p "$CACHE"
+            $PIP download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$BUILD"
+            mv "$BUILD/horovod-$HOROVOD_VERSION.tar.gz" "$SDIST"
+        fi
+        tar -xzf "$SDIST" -C "$BUILD"
         SRC="$BUILD/horovod-$HOROVOD_VERSION"
         # torch >= 2.14 headers use C++20 (std::strong_ordering); torch 2.1..2.13 need C++17.
         CXXSTD=$($PY -c "import torch; v=tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); print(20 if v >= (2, 14) else 17)")
@@ -86,6 +91,10 @@ if ! echo "$CHECK" | grep -q "\[X\] PyTorch"; then
     $PIP install -q cloudpickle psutil pyyaml packaging cffi
     CHECK=$("$VENV/bin/horovodrun" --check-build)
 fi
+
+# 3b. Horovod's own PyTorch examples (not committed here), for tests/integration/test_horovod_examples.py; see the script.
+STEP="install Horovod $HOROVOD_VERSION's examples (scripts/horovod_examples.sh)"
+bash "$ROOT/scripts/horovod_examples.sh" "$PY" "$SDIST" "$VENV/share/horovod-$HOROVOD_VERSION"
 
 # 4. This package, editable, with the research toolkit and the test tools (its extras).
 STEP="install horovod-dpsgd (pip install -e '.[experiments,test]')"

@@ -61,11 +61,13 @@ class _Progress:
         "synchronized",        # synchronize() has finished this step's communication
         "should_synchronize",  # False inside skip_synchronize()
         "skipped",             # updates skipped by nonfinite="skip"
+        "restored",            # t was loaded by load_state_dict (takes precedence over fresh ranks' t = 0)
+        "agreed",              # the ranks have agreed on t (at the first exchange after construction)
     )
 
     def __init__(self) -> None:
         self.t, self.skipped = 0, 0
-        self.trained = self.backward = self.synchronized = False
+        self.trained = self.backward = self.synchronized = self.restored = self.agreed = False
         self.should_synchronize = True
 
 
@@ -208,4 +210,5 @@ class Algorithm(torch.optim.Optimizer):
         progress = self._progress
         if extra is not None:
             progress.t = int(extra["step"])
+        progress.restored = extra is not None
         progress.backward = progress.synchronized = False

@@ -11,7 +11,7 @@ what is still in flight, mixes in place, then applies the wrapped optimizer's up
 stay each learner's own).
 """
 
-from typing import Protocol
+from typing import Dict, Protocol
 
 import torch
 
@@ -26,6 +26,9 @@ class Averager(Protocol):
     :class:`~horovod_dpsgd.comm.averaging.NeighbourAverager` (MPI)."""
 
     topology: topologies.Topology
+
+    def agree_on_step(self, step: int, restored: bool) -> int:
+        """The step all learners continue from (see :func:`~horovod_dpsgd.comm.agreement.resolve_step`)."""
 
     def start(self, step: int) -> None:
         """Start moving the learners' weights of ``step`` (they are final: the backward pass began)."""
@@ -59,8 +62,7 @@ class DPSGD(Algorithm):
                                  "to step(). Increase backward_passes_per_step to accumulate gradients locally.")
         self._passes[p] = passes
         if not self._progress.backward:
-            self._progress.backward = True
-            self._averager.start(self._progress.t)
+            self._start_exchange()
 
     def synchronize(self) -> None:
         """Finish this step's exchange and load the mixed weights ``w_s,j(t)`` into the parameters.
@@ -72,12 +74,20 @@ class DPSGD(Algorithm):
         if progress.synchronized:
             return
         if not progress.backward:  # a step without a backward pass: the exchange has not started yet
-            progress.backward = True
-            self._averager.start(progress.t)
+            self._start_exchange()
         self._run_callbacks("on_before_mixing")
         self._averager.finish()
         self._run_callbacks("on_after_mixing")
         progress.synchronized = True
+
+    def _start_exchange(self) -> None:
+        """Start this step's exchange; at the first exchange after construction, agree on the step first."""
+        progress = self._progress
+        progress.backward = True
+        if not progress.agreed:
+            progress.t = self._averager.agree_on_step(progress.t, progress.restored)
+            progress.agreed = True
+        self._averager.start(progress.t)
 
     def _end_step(self) -> None:
         super()._end_step()
@@ -91,6 +101,13 @@ class DPSGD(Algorithm):
         self._averager.drain()
         super().load_state_dict(state_dict)
         self._passes = dict.fromkeys(self._passes, 0)
+
+    @property
+    def rejected_weights(self) -> Dict[int, int]:
+        """``{rank: count}``: how many times each learner's non-finite weights were left out of this learner's
+        mix (``nonfinite="skip"``; see :mod:`horovod_dpsgd.comm.screen`)."""
+        screen = getattr(self._averager, "screen", None)
+        return dict(screen.rejected) if screen is not None else {}
 
     @property
     def topology(self) -> topologies.Topology:

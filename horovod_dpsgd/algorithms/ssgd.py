@@ -13,6 +13,7 @@ import torch
 import horovod.torch as hvd
 
 from horovod_dpsgd.algorithms.base import Algorithm
+from horovod_dpsgd.comm.agreement import resolve_step
 
 __all__ = ["SSGD"]
 
@@ -48,11 +49,23 @@ class SSGD(Algorithm):
         """
         if self._progress.synchronized:
             return
+        if not self._progress.agreed:
+            self._agree_on_step()
         self._allreduce.synchronize()
         # SSGD mixes no weights: both hooks see the averaged gradients and the replicated weights w_a(t).
         self._run_callbacks("on_before_mixing")
         self._run_callbacks("on_after_mixing")
         self._progress.synchronized = True
+
+    def _agree_on_step(self) -> None:
+        """At the first step after construction, all ranks continue from the same step
+        (the step seeds SSGD*'s noise and counts in checkpoints); see
+        :func:`~horovod_dpsgd.comm.agreement.resolve_step`."""
+        progress = self._progress
+        mine = torch.tensor([[progress.t, int(progress.restored)]], dtype=torch.int64)
+        everyone = hvd.allgather(mine, name="horovod_dpsgd.step", process_set=self._allreduce.process_set)
+        progress.t = resolve_step(everyone[:, 0].tolist(), [bool(r) for r in everyone[:, 1].tolist()])
+        progress.agreed = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._allreduce._handles:

@@ -111,7 +111,13 @@ class FlatGroup:
         computed in the host copy (which still equals the parameters) and copied back.
         """
         target = self.send
-        if len(peers) == 1 and abs(self_weight + peers[0][0] - 1.0) < 1e-12:
+        if not peers and self_weight == 1.0:
+            return
+        if self_weight == 0.0:  # own weights left out (non-finite): never multiply them, NaN * 0 is NaN
+            torch.mul(peers[0][1], peers[0][0], out=target)
+            for weight, flat in peers[1:]:
+                target.add_(flat, alpha=weight)
+        elif len(peers) == 1 and abs(self_weight + peers[0][0] - 1.0) < 1e-12:
             # One peer (random peer): w + a (w_k - w), a single pass.
             target.lerp_(peers[0][1], peers[0][0])
         else:

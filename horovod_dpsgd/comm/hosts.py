@@ -133,7 +133,7 @@ class HostAverage(ExchangeHandle):
                 self._next_round()
 
     def _next_round(self) -> bool:
-        self._requests, self._request_peers = [], []
+        self._requests, self._request_peers, self._receives, self._steps = [], [], [], None
         while not self._requests:
             self._round += 1
             if self._round == 2:
@@ -176,7 +176,8 @@ class HostAverage(ExchangeHandle):
             wire, _ = self.compression.compress(own)
             self._wire.append(wire)
             for peer, recv in zip(self.peers, buf.receive_buffers(len(self.peers), own.numel(), wire.dtype)):
-                self._requests.append(self._exchange.comm.Irecv(_as_bytes(recv), source=peer, tag=tag))
+                self._receives.append(len(self._requests))  # any tag: a peer at another step is named
+                self._requests.append(self._exchange.comm.Irecv(_as_bytes(recv), source=peer, tag=MPI.ANY_TAG))
                 self._request_peers.append(peer)
             for peer in self.peers:
                 self._requests.append(self._exchange.comm.Isend(_as_bytes(wire), dest=peer, tag=tag))
@@ -213,6 +214,10 @@ class HostAverage(ExchangeHandle):
                                    displacements, MPI.BYTE]))
                 self._request_peers.append(label)
         self._own = []
+
+    def sources(self) -> List[int]:
+        """The learners whose weights this average mixes."""
+        return sorted(r for h in self.hosts for r in self.comms.layout.hosts[h])
 
     def results(self) -> List[torch.Tensor]:
         """Each flat group's mean over the hosts' learners (valid after :meth:`wait`)."""

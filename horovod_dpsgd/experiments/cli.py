@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -29,6 +30,8 @@ TRAIN_KEYS = setting_names() + output_names()
 #: of ``--seeds`` is a run of its own); the outputs are placed in ``--out`` for each run.
 COMPARE_KEYS = tuple(name for name in setting_names() if name != "seed")
 _TRAIN_HINT = "horovodrun -np N horovod-dpsgd train ..."
+#: Exit status of ``train`` when the run diverged (NaN/inf training loss or weights).
+EXIT_DIVERGED = 3
 
 
 def _config_file_option(f):
@@ -66,11 +69,16 @@ def train(ctx, config_file, **values):
             "this is a single plain process, so DPSGD has no neighbours to average with: start one process per "
             f"learner with horovodrun, e.g. `{_TRAIN_HINT}` (or pass --algorithm ssgd to train one learner here)",
             ctx)
+    from horovod_dpsgd.checkpoint import CheckpointError
     from horovod_dpsgd.experiments import training
     try:
-        training.train(cfg)
+        result = training.train(cfg)
     except MPIEnvironmentError as exc:
         raise click.ClickException(f"{exc}\nThe command line runs as `{_TRAIN_HINT}` (MPI, not --gloo).") from None
+    except CheckpointError as exc:  # raised on every rank alike: each says it and exits, no rank is left waiting
+        raise click.ClickException(str(exc)) from None
+    if result and result["diverged"]:
+        sys.exit(EXIT_DIVERGED)  # a NaN/inf model is not a success; compare reads the run's "end" record
 
 
 DEFAULT_RUNS = ("ssgd:algorithm=ssgd", "dpsgd:algorithm=dpsgd,topology=full", "ssgd*:algorithm=ssgd,noise_sigma=0.01")
@@ -152,10 +160,12 @@ def _compare_run(base: TrainConfig, name: str, changes: dict, seed: int, run_dir
     except subprocess.TimeoutExpired:
         raise click.ClickException(f"run {name} seed {seed} did not finish in {timeout} s") from None
     (run_dir / "output.log").write_text(proc.stdout)
-    if proc.returncode != 0:
+    records = cmp.read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    diverged = any(r.get("kind") == "end" and r.get("diverged") for r in records)
+    if proc.returncode != 0 and not diverged:  # a diverged run exits non-zero (EXIT_DIVERGED) but is a result
         raise click.ClickException(f"run {name} seed {seed} failed (exit {proc.returncode}); "
                                    f"its output is in {run_dir / 'output.log'}:\n{proc.stdout[-3000:]}")
-    return cmp.summarize(name, seed, cmp.read_metrics(run_dir / "metrics.jsonl"), target_accuracy)
+    return cmp.summarize(name, seed, records, target_accuracy)
 
 
 @main.command()

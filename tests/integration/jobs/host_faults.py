@@ -1,12 +1,12 @@
 """Training across emulated hosts that loses a host, then resumes from its checkpoint.
 
-    horovodrun -H h1:2,h2:2 ... python tests/mpi/host_faults.py MODE DIR
+    horovodrun -H h1:2,h2:2 ... python tests/integration/jobs/host_faults.py MODE DIR
 
 Trains STEPS steps with the default topology, checkpointing into DIR/last every 2 steps. MODE:
 
 * ``kill_host``: at step 5 every learner of the last host kills itself (SIGKILL);
 * ``cut_link``: after the checkpoint of step 4, rank 0 writes DIR/cut and waits there for DIR/go, which
-  tests/test_hosts.py writes once it has taken the last host's link down; the learners then train on;
+  tests/integration/test_hosts.py writes once it has taken the last host's link down; the learners then train on;
 * ``resume``: resumes from DIR/last and trains to STEPS; rank 0 writes DIR/resumed.json: the step it resumed
   at, and the largest difference between the final weights and the single-process reference trained from
   scratch (0 up to rounding when the checkpoint restored exactly the state it saved).
@@ -21,9 +21,10 @@ import time
 import torch
 import horovod.torch as hvd
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "support"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import horovod_dpsgd as hd  # noqa: E402
-from mpi.hosts import loss_fn, make_model, sgd  # noqa: E402
+from hosts import loss_fn, make_model, sgd  # noqa: E402
 from reference import dpsgd_reference  # noqa: E402
 
 STEPS = 10

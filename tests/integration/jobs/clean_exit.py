@@ -1,4 +1,5 @@
-"""DPSGD optimizers freed just before the process exits: ``horovodrun -np 4 python tests/mpi/clean_exit.py``.
+"""DPSGD optimizers freed just before the process exits:
+``horovodrun -np 4 python tests/integration/jobs/clean_exit.py``.
 
 The job must exit with status 0: the optimizers' communication threads end while Python shuts down, and
 must not abort the process (they did, 1 run in 2, while they still held the last exchange's buffers).

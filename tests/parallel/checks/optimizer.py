@@ -1,39 +1,28 @@
 """Invariants of horovod_dpsgd.DistributedOptimizer over real MPI processes.
 
-Run as ``horovodrun -np N python tests/mpi/checks.py OUT.json``; rank 0 writes one entry per
-check to OUT.json and tests/test_mpi.py asserts on them.
+Each ``@check`` is one named check; tests/parallel/test_optimizer.py asserts on its result.
+Run by tests/parallel/checks/run.py: ``horovodrun -np N python tests/parallel/checks/run.py OUT.json optimizer
+[CHECK ...]`` (the OUT.json path is ``sys.argv[1]``; checks that write files put them beside it).
 """
 
 import copy
 import gc
+import json
 import os
 import sys
 import threading
 import time
-import traceback
+import warnings
 
 import numpy as np
 import torch
 import horovod.torch as hvd
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import horovod_dpsgd as hd  # noqa: E402
-from mpi.common import all_weights, batch, loss_fn, make_model, report  # noqa: E402
-from reference import dpsgd_reference  # noqa: E402
+import horovod_dpsgd as hd
+from common import all_weights, batch, check, dpsgd_vs_reference, loss_fn, make_model
 
 hvd.init()
 RANK, SIZE = hvd.rank(), hvd.size()
-results = {"size": SIZE}
-
-
-def check(name):
-    def wrap(fn):
-        try:
-            results[name] = fn()
-        except Exception:  # recorded; the test shows the traceback
-            results[name] = {"error": traceback.format_exc()}
-        return fn
-    return wrap
 
 
 def sgd(model, **kw):
@@ -55,24 +44,6 @@ class EmbeddingBag(torch.nn.Module):
         return self.head(self.emb(idx).mean(1))
 
 
-def dpsgd_vs_reference(topology, passes=1, steps=6, make=make_model, momentum=0.9, **options):
-    model = make()
-    sgd = (lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-4 if momentum else 0.0))
-    opt = hd.DistributedOptimizer(sgd(model), named_parameters=model.named_parameters(),
-                                  backward_passes_per_step=passes, topology=topology, seed=3, **options)
-    for t in range(steps):
-        opt.zero_grad()
-        for k in range(passes):
-            loss_fn(model, RANK, t, k).backward()
-        opt.step()
-    got = all_weights(model)
-    models = [make() for _ in range(SIZE)]
-    want = dpsgd_reference(models, [sgd(m) for m in models], opt.topology, loss_fn, steps, passes)
-    spread = float((got - got.mean(0)).abs().max())
-    return {"max_abs_diff": float((got - torch.stack(want)).abs().max()), "learner_spread": spread,
-            "steps": opt.step_count}
-
-
 for topo in ("ring", "random_peer", "exponential", "random_graph"):
     check(f"reference_{topo}")(lambda topo=topo: dpsgd_vs_reference(topo))
 check("reference_ring_passes2")(lambda: dpsgd_vs_reference("ring", passes=2))
@@ -80,28 +51,6 @@ check("reference_sparse_gradients")(lambda: dpsgd_vs_reference("ring", make=Embe
 check("reference_ring_no_comm_thread")(lambda: dpsgd_vs_reference("ring", overlap=False))
 check("reference_random_peer_fp16_wire")(lambda: dpsgd_vs_reference("random_peer", compression=hvd.Compression.fp16))
 check("reference_user_matrix")(lambda: dpsgd_vs_reference(hd.topology.ring(SIZE).mixing_matrix()))
-
-# Host-aware topologies with an explicit layout (every "host" shares this machine): two hosts, and an uneven
-# layout (at np 4 three hosts, so the host matching changes and a full average sums across hosts by allreduce).
-HOSTS = {2: "2x1", 3: "2,1", 4: "2x2"}[SIZE] if SIZE in (2, 3, 4) else f"{SIZE // 2},{SIZE - SIZE // 2}"
-UNEVEN = {2: "1,1", 3: "1,2", 4: "2,1,1"}.get(SIZE, HOSTS)
-for name, spec, options in (
-        ("one_peer_exponential", "one_peer_exponential", {}),
-        ("periodic_ring", "periodic:3:ring", {}),
-        ("local_sgd", "local_sgd:3", {}),
-        ("hierarchical", f"hierarchical:{HOSTS}", {}),
-        ("hierarchical_leader", f"hierarchical:{HOSTS}:leader", {}),
-        ("hierarchical_uneven", f"hierarchical:{UNEVEN}", {}),
-        ("periodic_hierarchical", f"periodic:2:hierarchical:{UNEVEN}", {}),
-        ("hierarchical_no_comm_thread", f"hierarchical:{HOSTS}", {"overlap": False}),
-        ("hierarchical_fp16_wire", f"hierarchical:{HOSTS}", {"compression": hvd.Compression.fp16})):
-    check(f"reference_{name}")(lambda spec=spec, options=options: dpsgd_vs_reference(spec, **options))
-
-
-@check("auto_topology_on_one_host")
-def _():
-    return {"name": hd.DistributedOptimizer(sgd(make_model())).topology.name}
-
 
 @check("full_averaging")
 def _():
@@ -214,32 +163,6 @@ def _():
             "files": sorted(os.listdir(directory))}
 
 
-@check("checkpoint_interrupted_save_keeps_the_previous_one")
-def _():
-    """A save that died after some learners wrote their files leaves the previous checkpoint whole."""
-    parent = os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), "atomic")
-    directory = os.path.join(parent, "last")
-    model = make_model()
-    opt = hd.DistributedOptimizer(sgd(model), topology="ring")
-    train_steps(model, opt, 0, 2)
-    hd.checkpoint.save(directory, model, opt, extra={"step": 2})
-    saved = all_weights(model)
-    train_steps(model, opt, 2, 4)
-    if RANK == 0:  # what a job killed in the middle of its next save leaves: rank 0's new file, nobody else's
-        os.makedirs(directory + ".partial")
-        torch.save({"format": 1, "rank": 0, "size": SIZE}, os.path.join(directory + ".partial",
-                                                                        f"learner-00000-of-{SIZE:05d}.pt"))
-    hvd.allreduce(torch.zeros(1), name="atomic-ready")
-    model2 = make_model(seed=9)
-    opt2 = hd.DistributedOptimizer(sgd(model2), topology="ring")
-    extra = hd.checkpoint.load(directory, model2, opt2)
-    diff = float((all_weights(model2) - saved).abs().max())
-    hd.checkpoint.save(directory, model, opt, extra={"step": 4})  # a later save over the leftovers
-    after = hd.checkpoint.load(directory, model2, opt2)
-    return {"extra": extra, "diff": diff, "after": after, "entries": sorted(os.listdir(parent)),
-            "step": opt2.step_count}
-
-
 def nan_at(rank_set, step, nonfinite, steps=5):
     model = make_model()
     opt = hd.DistributedOptimizer(sgd(model), topology="ring", nonfinite=nonfinite)
@@ -258,6 +181,66 @@ def _():
     model, opt = nan_at({0}, 2, "skip")
     skipped = hvd.allgather(torch.tensor([opt.skipped_steps]), name="skipped").tolist()
     return {"skipped": skipped, "finite": bool(all_weights(model).isfinite().all())}
+
+
+def nan_weights_skip(topology, victim=1, at=2, steps=8, lr=0.1):
+    """Learner ``victim``'s weights turn NaN before step ``at`` (nonfinite="skip"). Every rank reports whether it
+    ends finite, what it left out of its mixes, its warnings, and how far its weights after step ``at`` are from
+    the rule: w_j(at+1) = sum_{k finite} W_jk w_k(at) / sum_{k finite} W_jk - lr g_j (no update on the victim,
+    whose gradient is NaN)."""
+    model = make_model()
+    opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=lr), topology=topology, seed=3,
+                                  nonfinite="skip")
+    diff = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(steps):
+            if t == at and RANK == victim:
+                with torch.no_grad():
+                    next(model.parameters()).view(-1)[0] = float("nan")
+            opt.zero_grad()
+            loss_fn(model, RANK, t).backward()
+            if t == at:
+                before, w = all_weights(model), torch.as_tensor(opt.topology.mixing_matrix(t), dtype=torch.float32)
+            opt.step()
+            if t == at:
+                after = all_weights(model)
+                row = w[RANK].clone()
+                row[victim] = 0.0
+                if row.sum() > 0:
+                    want = (row / row.sum()) @ torch.nan_to_num(before, nan=0.0)
+                    if RANK != victim:
+                        want -= lr * torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+                    diff = float((after[RANK] - want).abs().max())
+    mine = {"finite": bool(torch.cat([p.reshape(-1) for p in model.parameters()]).isfinite().all()), "diff": diff,
+            "rejected": {str(k): v for k, v in opt.rejected_weights.items()}, "skipped": opt.skipped_steps,
+            "warnings": [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]}
+    return hvd.allgather_object(mine, name=f"nan_weights_skip.{topology}")
+
+
+def nan_weights_raise(topology, victim=1, at=2):
+    """As nan_weights_skip with nonfinite="raise", ending at step ``at``: who raises, saying what."""
+    model = make_model()
+    opt = hd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), topology=topology, seed=3)
+    error = None
+    try:
+        for t in range(at + 1):
+            if t == at and RANK == victim:
+                with torch.no_grad():
+                    next(model.parameters()).view(-1)[0] = float("nan")
+            opt.zero_grad()
+            loss_fn(model, RANK, t).backward()
+            opt.step()
+    except hd.NonFiniteError as exc:
+        error = str(exc)
+    finite = bool(torch.cat([p.reshape(-1) for p in model.parameters()]).isfinite().all())
+    return hvd.allgather_object({"error": error, "finite": finite}, name=f"nan_weights_raise.{topology}")
+
+
+for topo in ("ring", "random_peer", "full"):
+    check(f"nan_weights_skip_{topo}")(lambda topo=topo: nan_weights_skip(topo))
+for topo in ("ring", "full"):
+    check(f"nan_weights_raise_{topo}")(lambda topo=topo: nan_weights_raise(topo))
 
 
 @check("noise_ssgd_replicas_identical")
@@ -416,13 +399,14 @@ check("error_unknown_algorithm")(lambda: expect_error(
 
 def load_other_world_size():
     directory = os.path.join(os.path.dirname(os.path.abspath(sys.argv[1])), "ckpt-other")
-    if RANK == 0:
+    if RANK == 0:  # a manifest of a checkpoint of SIZE + 3 learners
         os.makedirs(directory, exist_ok=True)
-        open(os.path.join(directory, f"learner-00000-of-{SIZE + 3:05d}.pt"), "w").close()
+        files = [{"rank": r, "name": f"learner-{r:05d}-of-{SIZE + 3:05d}.s000001.pt", "sha256": "0" * 64, "bytes": 0,
+                  "step": 0} for r in range(SIZE + 3)]
+        with open(os.path.join(directory, hd.checkpoint.MANIFEST), "w") as f:
+            json.dump({"format": 2, "size": SIZE + 3, "generation": 1, "step": 0, "files": files}, f)
     hvd.allreduce(torch.zeros(1), name="ckpt-other-ready")
     hd.checkpoint.load(directory, make_model())
 
 
 check("error_checkpoint_world_size")(lambda: expect_error(load_other_world_size, hd.checkpoint.CheckpointError))
-
-report(results)

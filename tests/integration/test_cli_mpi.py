@@ -48,7 +48,8 @@ def test_a_run_records_the_exact_configuration_it_ran(trained):
 
 def test_landscape_and_hessian_commands_on_a_checkpoint(trained):
     ckpt = trained / "ckpt" / "last"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["learner-00000-of-00002.pt", "learner-00001-of-00002.pt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["learner-00000-of-00002.s000001.pt",
+                                                      "learner-00001-of-00002.s000001.pt", "manifest.json"]
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["config.json", "last"]
     cli = [sys.executable, "-m", "horovod_dpsgd.experiments.cli"]
     proc = run(cli + ["landscape", str(ckpt), "--grid", "3", "--batches", "1", "--batch-size", "100"], timeout=120)

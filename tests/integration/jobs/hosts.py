@@ -1,6 +1,6 @@
 """DPSGD across emulated hosts against the single-process reference, with the bytes that crossed the hosts' links.
 
-Run by tests/test_hosts.py on an emulated cluster: ``horovodrun -H h1:2,h2:2 ... python tests/mpi/hosts.py OUT.json``.
+Run by tests/integration/test_hosts.py on an emulated cluster: ``horovodrun -H h1:2,h2:2 ... python tests/integration/jobs/hosts.py OUT.json``.
 For every topology, the learners' weights after a few steps are compared with the single-process reference,
 and one learner per host reads its host link's byte counters (``/sys/class/net/veth0``) before and after the
 steps; the bytes the topology's plans send across hosts (``topology.cross_host_bytes``) are computed alongside.
@@ -8,6 +8,7 @@ Rank 0 writes the JSON report.
 """
 
 import faulthandler
+import json
 import os
 import signal
 import socket
@@ -18,9 +19,8 @@ import torch
 import horovod.torch as hvd
 from mpi4py import MPI
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "support"))
 import horovod_dpsgd as hd  # noqa: E402
-from mpi.common import report  # noqa: E402
 from reference import dpsgd_reference  # noqa: E402
 
 STEPS = 6
@@ -106,7 +106,9 @@ def main():
             results["checks"][name] = run(name, spec, options)
         except Exception:
             results["checks"][name] = {"error": traceback.format_exc()}
-    report(results)
+    if hvd.rank() == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""A DPSGD ring job across emulated hosts: ``horovodrun ... python tests/integration/cluster_job.py OUT.json``.
+"""A DPSGD ring job across emulated hosts: ``horovodrun ... python tests/integration/jobs/cluster_job.py OUT.json``.
 
 Every rank reports where it ran (hostname, MPI processor name, Horovod's local/cross ranks and sizes);
 the learners' weights after a few steps are compared with the single-process reference. Rank 0 writes
@@ -14,7 +14,7 @@ import torch
 import horovod.torch as hvd
 from mpi4py import MPI
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "support"))
 import horovod_dpsgd as hd  # noqa: E402
 from reference import dpsgd_reference  # noqa: E402
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "scaling", Path(__file__).resolve().parent.parent / "benchmarks" / "scaling.py")
+    "scaling", Path(__file__).resolve().parents[2] / "benchmarks" / "scaling.py")
 scaling = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(scaling)
 

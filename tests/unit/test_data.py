@@ -178,3 +178,14 @@ def test_shard_gives_every_rank_the_same_number_of_disjoint_samples():
     sampler = shard(dataset, 1, 4, seed=3)
     sampler.set_epoch(1)
     assert len(list(sampler)) == 2
+
+
+def test_the_bundled_sample_written_as_torchvision_raw_files_reads_back_as_the_same_split(tmp_path):
+    from horovod_dpsgd.experiments.data import mnist_sample, write_mnist_sample
+    write_mnist_sample(str(tmp_path))
+    train, test = mnist(str(tmp_path))
+    want_train, want_test = mnist_sample()
+    assert (len(train), len(test)) == (4000, 1000)
+    for got, want in ((train, want_train), (test, want_test)):
+        for i in (0, 17, len(got) - 1):
+            assert torch.allclose(got[i][0], want[i][0], atol=1e-6) and int(got[i][1]) == int(want[i][1])
