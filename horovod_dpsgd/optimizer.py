@@ -72,7 +72,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     if algorithm == "dpsgd":
         _refuse_elastic()  # before any collective: an elastic job has no MPI world to agree over
     rank, size = hvd.rank(), hvd.size()
-    layout, comm = _host_layout(algorithm, timeout, rank, size)
+    layout, comm = _host_layout(process_set is global_process_set, timeout, rank, size)
     # Validate locally, then agree with the other ranks in one collective: an invalid argument on one rank, or
     # settings that differ between ranks, raise the same error on every rank instead of leaving the others waiting.
     try:
@@ -142,11 +142,12 @@ def _validate(optimizer, named_parameters, compression, backward_passes_per_step
     return _Validated(options, named_parameters, named, groups, mixing, description)
 
 
-def _host_layout(algorithm: str, timeout: Optional[float], rank: int, size: int):
-    """``(layout, comm)``: for DPSGD over MPI, the hosts' layout (which decides ``topology="auto"`` and the
+def _host_layout(over_world: bool, timeout: Optional[float], rank: int, size: int):
+    """``(layout, comm)``: over MPI's world, the hosts' layout (which decides ``topology="auto"`` and the
     hierarchical plans, so every rank knows it before the ranks compare their plans) and the plugin's
-    communicator it was detected on; ``(None, None)`` otherwise. Collective."""
-    if algorithm != "dpsgd" or mpi_world_size() != size:
+    communicator it was detected on; ``(None, None)`` otherwise. Collective, whatever the arguments (a rank
+    with invalid ones still takes part, and the ranks then agree on its error)."""
+    if not over_world or mpi_world_size() != size:
         return None, None
     try:
         wait = Options(timeout=timeout).timeout
