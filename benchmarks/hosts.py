@@ -102,6 +102,8 @@ def row(layout, rate, model, results):
                 r["ratio"][v] = quartiles([a / b for a, b in zip(times, s["horovod_ssgd"])])
             if v in link:
                 r["link_MB"][v] = [b / 1e6 for b in link[v]]
+            if v in entry.get("in_step_s", {}):  # in opt.step(): waiting, mixing, updating; the rest is compute
+                r.setdefault("in_step_ms", {})[v] = 1e3 * entry["in_step_s"][v]
     r["ms"]["horovod_ssgd"] = r["horovod_ms"] = 1e3 * statistics.median(horovod)
     for same in SAME_AS_DEFAULT[int(layout.split("x")[1]) > 1]:
         if "dpsgd_default" in r["ratio"]:

@@ -39,6 +39,8 @@ DPSGD = {
     "dpsgd_default_fp16": {"compression": "fp16"},
     "dpsgd_hierarchical": {"topology": "hierarchical"},
     "dpsgd_hierarchical_leader": {"topology": "hierarchical:leader"},
+    "dpsgd_hierarchical_every2": {"topology": "hierarchical:every=2"},  # across hosts every 2nd step
+    "dpsgd_hierarchical_every2_fp16": {"topology": "hierarchical:every=2", "compression": "fp16"},
     "dpsgd_one_peer_exponential": {"topology": "one_peer_exponential"},
     "dpsgd_periodic4": {"topology": "periodic:4"},             # Gossip-PGA: auto in between, global every 4
     "dpsgd_local_sgd4": {"topology": "local_sgd:4"},
@@ -75,8 +77,14 @@ def build(variant, model_name, seed=0):
     return model, opt, callbacks
 
 
-def run_steps(model, opt, callbacks, data, target, steps):
-    """The time of each of ``steps`` training steps, and whether a diagnostic ran in it."""
+#: per variant, seconds of each timed step spent in ``opt.step()`` (waiting for the exchange or the allreduce,
+#: mixing, the local update): the rest of the step is the forward and backward pass
+IN_STEP = {}
+
+
+def run_steps(model, opt, callbacks, data, target, steps, in_step=None):
+    """The time of each of ``steps`` training steps, and whether a diagnostic ran in it; ``in_step``, if
+    given, receives the time of each step's ``opt.step()``."""
     times, diagnosed = [], []
     for _ in range(steps):
         counts = [cb.count for cb in callbacks]
@@ -86,8 +94,11 @@ def run_steps(model, opt, callbacks, data, target, steps):
         loss.backward()
         for cb in callbacks:
             cb.observe(data, target, loss)
+        before = time.perf_counter()
         opt.step()
         times.append(time.perf_counter() - start)
+        if in_step is not None:
+            in_step.append(times[-1] - (before - start))
         diagnosed.append(counts != [cb.count for cb in callbacks])
     return times, diagnosed
 
@@ -130,7 +141,7 @@ def time_variants(built, variants, data, target, steps, reps, comm, interface=No
         for v in rotated(variants, rep):
             comm.Barrier()
             before = link_bytes(interface)
-            t, diagnosed = run_steps(*built[v], data, target, steps)
+            t, diagnosed = run_steps(*built[v], data, target, steps, IN_STEP.setdefault(v, []))
             after = link_bytes(interface)
             # A step is as slow as the slowest learner.
             times[v].append(max(comm.allgather(statistics.mean(t))))
@@ -318,6 +329,9 @@ def main():
             entry["diagnostics_overhead"] = overhead
         if link:
             entry["link_bytes_per_step"] = link
+        # the slowest learner's median time in opt.step() (waiting, mixing, updating): the rest is compute
+        entry["in_step_s"] = {v: max(comm.allgather(statistics.median(IN_STEP[v]))) for v in variants}
+        IN_STEP.clear()
         if "plugin_ssgd" in built:
             entry["nonfinite_check_s"] = time_nonfinite_check(built["plugin_ssgd"][1], max(args.reps, 20), comm)
         exchangers = {v[len("dpsgd_"):]: built[v][1] for v in args.exchanges.split(",") if v in built}

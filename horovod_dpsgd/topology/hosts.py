@@ -141,22 +141,34 @@ class Hierarchical(Topology):
         seed: seed of the host matching; the same on every rank.
         shards: learners per host that carry the cross-host transfer (default: every learner of the
             smallest host).
+        every: hosts are matched (and their links carry the host sums) at steps ``t`` with
+            ``(t + 1) mod every = 0`` only; at the other steps each host averages over its own learners
+            (``W(t)`` block diagonal, nothing crosses a link). ``every=1`` (default) crosses every step.
     """
 
-    def __init__(self, layout: HostLayout, seed: int = 0, shards: Optional[int] = None):
+    def __init__(self, layout: HostLayout, seed: int = 0, shards: Optional[int] = None, every: int = 1):
         smallest = min(layout.local_sizes)
         shards = smallest if shards is None else int(shards)
         if not 1 <= shards <= smallest:
             raise TopologyError(f"shards must be between 1 and {smallest} (the ranks on the smallest host); "
                                 f"got {shards}")
-        self.layout, self.size, self.seed, self.shards = layout, layout.size, int(seed), shards
-        self.dynamic = layout.num_hosts > 2
-        self.period = None if self.dynamic else 1
+        if int(every) < 1:
+            raise TopologyError(f"every (steps between two exchanges across hosts) must be >= 1, got {every}")
+        self.layout, self.size, self.seed, self.shards, self.every = layout, layout.size, int(seed), shards, int(every)
+        self.dynamic = layout.num_hosts > 2 or (self.every > 1 and layout.num_hosts > 1)
+        self.period = None if layout.num_hosts > 2 else (self.every if layout.num_hosts > 1 else 1)
         leader = ", one sender per host" if shards == 1 and max(layout.local_sizes) > 1 else ""
-        self.name = f"hierarchical ({layout.describe()}{leader})"
+        across = f", across hosts every {self.every} steps" if self.every > 1 else ""
+        self.name = f"hierarchical ({layout.describe()}{leader}{across})"
+
+    def crosses(self, step: int) -> bool:
+        """True at the steps whose hosts are matched (their links carry the host sums)."""
+        return (step + 1) % self.every == 0
 
     def host_partners(self, step: int) -> np.ndarray:
         """``partner[h]`` of every host at ``step`` (``h`` itself when unmatched)."""
+        if not self.crosses(step):
+            return np.arange(self.layout.num_hosts)
         return random_matching(self.layout.num_hosts, self.seed, step)
 
     def hosts_of_step(self, rank: int, step: int) -> Tuple[int, ...]:
@@ -180,8 +192,12 @@ class Hierarchical(Topology):
         return w
 
     def expected_mixing_matrix(self) -> np.ndarray:
-        if not self.dynamic:
-            return self.mixing_matrix(0)
+        if self.period is not None:
+            return super().expected_mixing_matrix()
+        if self.every > 1:  # the matching is drawn independently of the step's phase
+            alone = Hierarchical(self.layout, self.seed, self.shards, every=self.size + 1).mixing_matrix(0)
+            crossing = Hierarchical(self.layout, self.seed, self.shards).expected_mixing_matrix()
+            return ((self.every - 1) * alone + crossing) / self.every
         hosts, sizes = self.layout.hosts, self.layout.local_sizes
         num = len(hosts)
         p = matching_probability(num)

@@ -18,6 +18,7 @@ TOPOLOGY_NAMES = ("auto", "hierarchical", "random_peer", "one_peer_exponential",
 
 _HELP = ("choose one of " + ", ".join(TOPOLOGY_NAMES) + " (with arguments: 'ring:2', 'random_graph:0.3', "
          "'hierarchical:2x4' for an explicit host layout, 'hierarchical:leader' for one sender per host, "
+         "'hierarchical:every=2' to cross hosts every 2nd step, "
          "'periodic:8' or 'periodic:8:ring' for a global average every 8 steps, 'local_sgd:8'), "
          "or pass a mixing matrix or a Topology")
 
@@ -26,10 +27,12 @@ _WITHOUT_ARGUMENT = {"auto", "random_peer", "random_matching", "one_peer_exponen
 
 
 def _hierarchical(args, size: int, seed: int, layout: Optional[HostLayout]) -> Hierarchical:
-    shards = None
+    shards, every = None, 1
     for arg in args:
         if arg == "leader":
             shards = 1
+        elif arg.startswith("every="):
+            every = _integer(arg[len("every="):], "hierarchical:every=H (steps between exchanges across hosts)")
         elif arg:
             layout = HostLayout.parse(arg)
     if layout is None:
@@ -40,7 +43,14 @@ def _hierarchical(args, size: int, seed: int, layout: Optional[HostLayout]) -> H
     if layout.size != size:
         raise TopologyError(f"the host layout {layout.describe()} has {layout.size} ranks but the job has "
                             f"{size}; give a layout of {size} ranks")
-    return Hierarchical(layout, seed, shards)
+    return Hierarchical(layout, seed, shards, every)
+
+
+def _integer(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise TopologyError(f"{what}: {text!r} is not an integer") from None
 
 
 def _periodic(arg: str, size: int, seed: int, layout: Optional[HostLayout], local: bool) -> Periodic:
@@ -65,7 +75,9 @@ def from_name(spec: Union[str, Topology, np.ndarray], size: int, seed: int = 0,
       (:func:`~horovod_dpsgd.topology.default_topology`): ``hierarchical`` across hosts with several
       learners each, the paper's ``random_peer`` otherwise;
     * ``hierarchical``, ``hierarchical:HxL`` or ``hierarchical:L1,L2,...`` (an explicit host layout),
-      ``hierarchical:leader`` (one sender per host): :class:`~horovod_dpsgd.topology.Hierarchical`;
+      ``hierarchical:leader`` (one sender per host), ``hierarchical:every=H`` (across hosts every ``H``-th step,
+      inside each host in between), combinable (``hierarchical:2x4:every=2``):
+      :class:`~horovod_dpsgd.topology.Hierarchical`;
     * ``random_peer``; ``one_peer_exponential``; ``ring`` or ``ring:K`` (K neighbours per side);
       ``exponential``; ``random_graph`` or ``random_graph:P`` (edge probability); ``full``;
     * ``periodic:H`` or ``periodic:H:BASE``: a global average every ``H`` steps, ``BASE`` (any name here,

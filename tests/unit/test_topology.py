@@ -291,3 +291,35 @@ def test_a_random_peer_sends_one_model_per_learner_whose_partner_is_on_another_h
         partner = topo.partners(t)
         off = [sum(layout.host_of(int(partner[j])) != h for j in ranks) for h, ranks in enumerate(layout.hosts)]
         np.testing.assert_allclose(T.cross_host_bytes(topo, layout, t, 10), np.array(off) * 10)
+
+
+@pytest.mark.parametrize("sizes,every", [((2, 2), 2), ((2, 2), 3), ((4, 2, 2, 2), 2), ((1, 3), 4)])
+def test_hierarchical_every_h_steps_crosses_hosts_only_then(sizes, every):
+    layout = T.HostLayout.from_sizes(sizes)
+    spec = f"hierarchical:{','.join(map(str, sizes))}:every={every}"
+    topo, each = T.from_name(spec, layout.size), T.Hierarchical(layout, seed=0)
+    n = layout.size
+    for t in range(4 * every):
+        w = topo.mixing_matrix(t)
+        assert_doubly_stochastic(w, n)
+        if (t + 1) % every == 0:  # the steps that cross: the hierarchical W(t) itself
+            np.testing.assert_allclose(w, each.mixing_matrix(t))
+            assert len(topo.plan(0, t).hosts) == 2 or len(sizes) > 2
+        else:  # every host averages over its own learners; nothing crosses a link
+            for h, ranks in enumerate(layout.hosts):
+                np.testing.assert_allclose(w[np.ix_(ranks, ranks)], 1 / len(ranks))
+                assert topo.plan(ranks[0], t).hosts == (h,)
+            assert not T.cross_host_bytes(topo, layout, t, 1000).any()
+    topo.validate(steps=40 * every if len(sizes) > 2 else None)
+    assert f"across hosts every {every} steps" in topo.name
+    if len(sizes) == 2:
+        assert topo.period == every
+        np.testing.assert_allclose(np.mean([T.cross_host_bytes(topo, layout, t, 1000) for t in range(every)], axis=0),
+                                   1000 / every)
+    else:
+        empirical = np.mean([topo.mixing_matrix(t) for t in range(4000)], axis=0)
+        np.testing.assert_allclose(empirical, topo.expected_mixing_matrix(), atol=0.02)
+    with pytest.raises(TopologyError, match=">= 1"):
+        T.from_name(f"hierarchical:{','.join(map(str, sizes))}:every=0", n)
+    with pytest.raises(TopologyError, match="not an integer"):
+        T.from_name("hierarchical:every=x", n, layout=layout)
