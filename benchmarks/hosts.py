@@ -150,9 +150,41 @@ def check(rows):
     return lines
 
 
+def plot_ratios(rows, variants, path):
+    """One link rate: per (model, layout), each variant's step time as a ratio of Horovod's (median, quartiles as
+    error bars), the issue's target for the default as a dash."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cells = [r for r in rows]
+    shown = [v for v in variants if any(v in r["ratio"] for r in cells)]
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 + 0.35 * len(cells) * len(shown)), 4.2))
+    width = 0.8 / max(1, len(shown))
+    for i, v in enumerate(shown):
+        xs = [k + (i - (len(shown) - 1) / 2) * width for k, r in enumerate(cells) if v in r["ratio"]]
+        stats = [r["ratio"][v] for r in cells if v in r["ratio"]]
+        ax.bar(xs, [m for m, _, _ in stats], width, yerr=[[m - lo for m, lo, _ in stats], [hi - m for m, _, hi in stats]],
+               label=v.replace("dpsgd_", ""), edgecolor="black" if v == "dpsgd_default" else None,
+               linewidth=1.5 if v == "dpsgd_default" else 0, capsize=2)
+    for k, r in enumerate(cells):
+        limit = TARGETS.get((r["model"], r["layout"], r["rate"]))
+        if limit is not None:
+            ax.hlines(limit, k - 0.45, k + 0.45, colors="red", linestyles="dashed")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xticks(range(len(cells)), [f"{r['model']}\n{r['layout']}, {r['rate']}" for r in cells])
+    ax.set_ylabel("step time / Horovod's (median, quartiles)")
+    ax.set_title("Across emulated hosts sharing 2 cores; red dash: the target for the default", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def plot(rows, variants, path):
     """Step time against link bandwidth, one line per variant (Horovod's included), one panel per model and
-    layout; the model's prediction (``predicted``: (layout, rate, model, variant) -> seconds), dashed."""
+    layout. With a single link rate: :func:`plot_ratios`."""
+    if len({r["rate"] for r in rows}) == 1:
+        return plot_ratios(rows, variants, path)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
