@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -46,20 +47,48 @@ def hosts():
         yield cluster
 
 
+hosts_of = {}  # launcher pid -> its cluster
+
+
 def launch(hosts, args, timeout, **env):
-    """``args`` run across the hosts (python script and arguments), in its own process group."""
+    """``args`` run across the hosts (python script and arguments), in its own process group; its output goes to
+    a file (Open MPI's daemons detach from the group and may outlive a failed job holding a pipe open)."""
     command = hosts.launch_command([sys.executable, *args])
-    return subprocess.Popen(command, cwd=REPO, env={**hosts.env(), "PYTHONPATH": str(REPO), **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(command, cwd=REPO, env={**hosts.env(), "PYTHONPATH": str(REPO), **env},
+                            stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc.log = log
+    hosts_of[proc.pid] = hosts
+    return proc
+
+
+def _leftovers(hosts):
+    """Kill what is left in the hosts' namespaces: daemons and ranks of a job whose launcher is gone."""
+    for host in hosts.hosts:
+        pids = subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True).stdout.split()
+        for pid in map(int, pids):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def finish(proc, timeout):
-    """Wait for ``proc``; past ``timeout`` kill its process group and fail: a hang is a bug."""
+    """Wait for ``proc``; past ``timeout`` kill its process group and fail: a hang is a bug. Either way, nothing
+    of the job stays behind on the hosts."""
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
+        hung = False
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        proc.wait(timeout=30)
+        hung = True
+    finally:
+        _leftovers(hosts_of[proc.pid])
+    proc.log.seek(0)
+    out = proc.log.read()
+    proc.log.close()
+    if hung:
         pytest.fail(f"the job did not end within {timeout} s; output:\n{out[-5000:]}")
     return proc.returncode, out
 
