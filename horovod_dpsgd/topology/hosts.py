@@ -226,15 +226,23 @@ def default_topology(size: int, seed: int = 0, layout: Optional[HostLayout] = No
 
     * several hosts with several learners on some of them: :class:`Hierarchical`. A random peer would send
       one model per learner across each host's link (``L`` models per host and step), more than Horovod's
-      allreduce; the hierarchical topology sends one.
+      allreduce; the hierarchical topology sends one. With exactly two hosts its step is the full average,
+      which moves as many bytes across the link as Horovod's allreduce (one model per host): there the hosts
+      cross every second step (``every=2``, averaging inside each host in between), half the bytes.
+      With more hosts, Horovod's ring allreduce sends about ``2 (n - 1) / n`` models per host link and
+      step, and the hierarchical topology crosses every step.
     * one host, or one learner per host: the paper's :class:`RandomPeer` (with one learner per host the
       hierarchical topology is the same matching, carried out as the same single message per learner).
     """
     if layout is not None and layout.size != size:
         raise TopologyError(f"the host layout has {layout.size} ranks but the job has {size}")
     if layout is not None and layout.num_hosts > 1 and max(layout.local_sizes) > 1:
-        return Hierarchical(layout, seed)
+        return Hierarchical(layout, seed, every=AUTO_EVERY_TWO_HOSTS if layout.num_hosts == 2 else 1)
     return RandomPeer(size, seed)
+
+
+#: ``every`` of the default hierarchical topology on two hosts (see :func:`default_topology`)
+AUTO_EVERY_TWO_HOSTS = 2
 
 
 def averages_by_host(topology: Topology, layout: HostLayout) -> Optional[HostLayout]:

@@ -107,8 +107,8 @@ def test_the_job_runs_on_two_hosts_of_two_processes(report, hosts):
     assert report["hosts"] == [hosts.hosts[0]] * 2 + [hosts.hosts[1]] * 2
 
 
-def test_the_default_across_hosts_is_the_hierarchical_topology(report):
-    assert report["checks"]["default"]["topology"] == "hierarchical (2 hosts x 2 processes)"
+def test_the_default_across_two_hosts_is_the_hierarchical_topology_crossing_every_second_step(report):
+    assert report["checks"]["default"]["topology"] == "hierarchical (2 hosts x 2 processes, across hosts every 2 steps)"
 
 
 @pytest.mark.parametrize("name", CHECKS)
@@ -123,6 +123,8 @@ def test_every_topology_across_hosts_equals_the_reference_and_moves_its_bytes_ov
         assert planned[host] <= sent[host] <= 1.15 * planned[host] + 300_000, (host, sent, planned)
     if name == "hierarchical":  # one model per host and step across, not one per learner
         assert planned == [6 * model] * 2
+    if name == "default":  # the hierarchical topology crossing every second step: half of that
+        assert planned == [3 * model] * 2
 
 
 def resumed(hosts, directory):

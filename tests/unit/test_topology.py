@@ -262,17 +262,28 @@ def test_hierarchical_shards_and_its_printout():
     assert "rank 2: self 0.25; peers 0 (0.25), 1 (0.25), 3 (0.25)  [host 1 + host 0]" in text
 
 
-@pytest.mark.parametrize("layout,expected", [(None, "random peer"), ("1x4", "random peer"), ("4x1", "random peer"),
-                                             ("2x2", "hierarchical (2 hosts x 2 processes)"),
-                                             ("3,1", "hierarchical (2 hosts of 3, 1 processes, one sender per host)")])
+@pytest.mark.parametrize("layout,expected", [
+    (None, "random peer"), ("1x4", "random peer"), ("4x1", "random peer"),
+    ("2x2", "hierarchical (2 hosts x 2 processes, across hosts every 2 steps)"),
+    ("3,1", "hierarchical (2 hosts of 3, 1 processes, one sender per host, across hosts every 2 steps)"),
+    ("4x2", "hierarchical (4 hosts x 2 processes)")])
 def test_the_default_topology_follows_the_host_layout(layout, expected):
-    topo = T.from_name("auto", size=4, layout=T.HostLayout.parse(layout) if layout else None)
+    layout = T.HostLayout.parse(layout) if layout else None
+    topo = T.from_name("auto", size=layout.size if layout else 4, layout=layout)
     assert topo.name == expected
+
+
+def test_the_default_on_two_hosts_crosses_every_second_step_half_the_allreduces_bytes():
+    layout = T.HostLayout.parse("2x4")
+    topo = T.from_name("auto", 8, layout=layout)
+    sent = [T.cross_host_bytes(topo, layout, t, 1000) for t in range(6)]
+    np.testing.assert_allclose(sent, [[0, 0], [1000, 1000]] * 3)
+    np.testing.assert_allclose(topo.mixing_matrix(1), np.full((8, 8), 1 / 8))  # the full average
 
 
 @pytest.mark.parametrize("layout,spec,per_host", [
     ("2x2", "hierarchical", 1.0), ("2x2", "hierarchical:leader", 1.0), ("4x2", "hierarchical", 1.0),
-    ("2x4", "auto", 1.0), ("2x2", "full", 1.0), ("2x2", "ring", 2.0), ("4x1", "ring", 2.0),
+    ("4x2", "auto", 1.0), ("2x2", "full", 1.0), ("2x2", "ring", 2.0), ("4x1", "ring", 2.0),
     ("4x1", "full", 1.5), ("4x2", "full", 1.5),  # an allreduce: counted as a ring allreduce's 2 (m - 1) / m
 ])
 def test_bytes_across_hosts_per_step(layout, spec, per_host):
