@@ -33,6 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 from horovod_dpsgd.experiments.cluster import EmulatedCluster  # noqa: E402
 
 VARIANTS = ("horovod_ssgd", "dpsgd_default", "dpsgd_random_peer", "dpsgd_ring", "dpsgd_hierarchical",
+            "dpsgd_hierarchical_every2",
             "dpsgd_hierarchical_leader", "dpsgd_one_peer_exponential", "dpsgd_periodic4", "dpsgd_default_fp16")
 #: (model, layout, rate) -> the default's step time as a ratio of Horovod's, at most (issue 14)
 TARGETS = {("resnet18", "2x2", "1gbit"): 1.0, ("resnet18", "4x1", "1gbit"): 0.75,
@@ -54,16 +55,20 @@ def locked(path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-#: variants that are the default's exchange on some layouts, measured once: L > 1 -> auto is hierarchical;
-#: L = 1 -> auto is the random peer, and a hierarchical topology has one sender per host anyway
-SAME_AS_DEFAULT = {True: ("dpsgd_hierarchical",), False: ("dpsgd_random_peer", "dpsgd_hierarchical_leader")}
+def same_as_default(layout):
+    """The variants that are the default's topology on ``layout`` (measured once, as the default): one learner
+    per host -> the random peer (a hierarchical topology has one sender per host anyway); two hosts ->
+    hierarchical:every=2; more hosts -> hierarchical."""
+    hosts, per_host = (int(v) for v in layout.split("x"))
+    if per_host == 1:
+        return ("dpsgd_random_peer", "dpsgd_hierarchical_leader")
+    return ("dpsgd_hierarchical_every2",) if hosts == 2 else ("dpsgd_hierarchical",)
 
 
 def jobs(layout, variants, group):
     """The variants to time on ``layout``, in jobs of at most ``group`` besides Horovod's (each job times
     Horovod's too: ratios are taken within a job)."""
-    per_host = int(layout.split("x")[1])
-    todo = [v for v in variants if v != "horovod_ssgd" and v not in SAME_AS_DEFAULT[per_host > 1]]
+    todo = [v for v in variants if v != "horovod_ssgd" and v not in same_as_default(layout)]
     return [["horovod_ssgd"] + todo[i:i + group] for i in range(0, len(todo), group)]
 
 
@@ -105,7 +110,7 @@ def row(layout, rate, model, results):
             if v in entry.get("in_step_s", {}):  # in opt.step(): waiting, mixing, updating; the rest is compute
                 r.setdefault("in_step_ms", {})[v] = 1e3 * entry["in_step_s"][v]
     r["ms"]["horovod_ssgd"] = r["horovod_ms"] = 1e3 * statistics.median(horovod)
-    for same in SAME_AS_DEFAULT[int(layout.split("x")[1]) > 1]:
+    for same in same_as_default(layout):
         if "dpsgd_default" in r["ratio"]:
             r["ratio"].setdefault(same, r["ratio"]["dpsgd_default"])
     for name in ("default", "random_peer"):
