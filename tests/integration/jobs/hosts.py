@@ -76,10 +76,10 @@ def run(name, spec, options):
     MPI.COMM_WORLD.Barrier()
     after = sent_bytes() if hvd.local_rank() == 0 else None
     flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
-    got = torch.stack(hvd.allgather_object(flat))
+    got = torch.stack(MPI.COMM_WORLD.allgather(flat))
     models = [make_model() for _ in range(hvd.size())]
     want = torch.stack(dpsgd_reference(models, [sgd(m) for m in models], opt.topology, loss_fn, STEPS))
-    sent = [s for s in hvd.allgather_object(None if before is None else after - before) if s is not None]
+    sent = [s for s in MPI.COMM_WORLD.allgather(None if before is None else after - before) if s is not None]
     nbytes = flat.numel() * flat.element_size()
     wire = 0.5 if options.get("compression") is hvd.Compression.fp16 else 1.0
     return {"topology": opt.topology.name, "max_abs_diff": float((got - want).abs().max()),
@@ -89,7 +89,7 @@ def run(name, spec, options):
 
 def planned_bytes(topology, nbytes, wire):
     """Bytes each host sends across hosts in STEPS steps, by the topology's plans."""
-    layout = hd.topology.HostLayout.from_host_names(hvd.allgather_object(MPI.Get_processor_name()))
+    layout = hd.topology.HostLayout.from_host_names(MPI.COMM_WORLD.allgather(MPI.Get_processor_name()))
     return [float(b) for b in sum(hd.topology.cross_host_bytes(topology, layout, t, nbytes, wire)
                                   for t in range(STEPS))]
 
@@ -98,7 +98,7 @@ def main():
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints where a rank is stuck
     hvd.init()
     results = {"size": hvd.size(), "local_size": hvd.local_size(), "cross_size": hvd.cross_size(),
-               "hosts": hvd.allgather_object(socket.gethostname()), "checks": {}}
+               "hosts": MPI.COMM_WORLD.allgather(socket.gethostname()), "checks": {}}
     for name, (spec, options) in TOPOLOGIES.items():
         if hvd.rank() == 0:
             print(f"check {name}", flush=True)
