@@ -30,6 +30,21 @@ MODELS = {
 }
 VARIANTS = ("horovod_ssgd", "horovod_ssgd_2", "plugin_ssgd", "plugin_ssgd_ignore_nonfinite", "dpsgd_random_peer",
             "dpsgd_ring", "local_no_comm")
+#: DPSGD variants: the optimizer's keyword arguments (compression: fp16 on the wire).
+DPSGD = {
+    "dpsgd_random_peer": {"topology": "random_peer"},
+    "dpsgd_random_peer_inline": {"topology": "random_peer", "overlap": False},
+    "dpsgd_ring": {"topology": "ring"},
+    "dpsgd_default": {},                                       # the one-line swap: topology="auto"
+    "dpsgd_default_fp16": {"compression": "fp16"},
+    "dpsgd_hierarchical": {"topology": "hierarchical"},
+    "dpsgd_hierarchical_leader": {"topology": "hierarchical:leader"},
+    "dpsgd_hierarchical_every2": {"topology": "hierarchical:every=2"},  # across hosts every 2nd step
+    "dpsgd_hierarchical_every2_fp16": {"topology": "hierarchical:every=2", "compression": "fp16"},
+    "dpsgd_one_peer_exponential": {"topology": "one_peer_exponential"},
+    "dpsgd_periodic4": {"topology": "periodic:4"},             # Gossip-PGA: auto in between, global every 4
+    "dpsgd_local_sgd4": {"topology": "local_sgd:4"},
+}
 
 
 def build(variant, model_name, seed=0):
@@ -49,18 +64,27 @@ def build(variant, model_name, seed=0):
         opt = horovod_dpsgd.DistributedOptimizer(opt, named_parameters=named, algorithm="ssgd")
     elif variant == "plugin_ssgd_ignore_nonfinite":
         opt = horovod_dpsgd.DistributedOptimizer(opt, named_parameters=named, algorithm="ssgd", nonfinite="ignore")
-    elif variant in ("dpsgd_random_peer", "dpsgd_diag50", "dpsgd_diag50_reuse_grad"):
+    elif variant in ("dpsgd_diag50", "dpsgd_diag50_reuse_grad"):
         opt = horovod_dpsgd.DistributedOptimizer(opt, named_parameters=named, topology="random_peer",
                                                  callbacks=callbacks)
-    elif variant == "dpsgd_random_peer_inline":
-        opt = horovod_dpsgd.DistributedOptimizer(opt, named_parameters=named, topology="random_peer", overlap=False)
-    elif variant == "dpsgd_ring":
-        opt = horovod_dpsgd.DistributedOptimizer(opt, named_parameters=named, topology="ring")
+    elif variant in DPSGD:
+        kwargs = dict(DPSGD[variant])
+        if kwargs.get("compression") == "fp16":
+            kwargs["compression"] = hvd.Compression.fp16
+        opt = horovod_dpsgd.DistributedOptimizer(opt, named_parameters=named, **kwargs)
+    elif variant != "local_no_comm":
+        raise SystemExit(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS + tuple(DPSGD))}")
     return model, opt, callbacks
 
 
-def run_steps(model, opt, callbacks, data, target, steps):
-    """The time of each of ``steps`` training steps, and whether a diagnostic ran in it."""
+#: per variant, seconds of each timed step spent in ``opt.step()`` (waiting for the exchange or the allreduce,
+#: mixing, the local update): the rest of the step is the forward and backward pass
+IN_STEP = {}
+
+
+def run_steps(model, opt, callbacks, data, target, steps, in_step=None):
+    """The time of each of ``steps`` training steps, and whether a diagnostic ran in it; ``in_step``, if
+    given, receives the time of each step's ``opt.step()``."""
     times, diagnosed = [], []
     for _ in range(steps):
         counts = [cb.count for cb in callbacks]
@@ -70,8 +94,11 @@ def run_steps(model, opt, callbacks, data, target, steps):
         loss.backward()
         for cb in callbacks:
             cb.observe(data, target, loss)
+        before = time.perf_counter()
         opt.step()
         times.append(time.perf_counter() - start)
+        if in_step is not None:
+            in_step.append(times[-1] - (before - start))
         diagnosed.append(counts != [cb.count for cb in callbacks])
     return times, diagnosed
 
@@ -93,19 +120,40 @@ def rotated(items, k):
     return items[k:] + items[:k]
 
 
-def time_variants(built, variants, data, target, steps, reps, comm):
-    """Per variant, the step time of each repetition (the slowest learner's mean), and the diagnostics overhead."""
+def link_bytes(interface):
+    """(bytes sent, bytes received) so far through this host's link ``interface``, read by one learner per
+    host (``None`` elsewhere, or where the host has no such interface, e.g. a job on one host)."""
+    if not interface or hvd.local_rank() != 0:
+        return None
+    try:
+        return tuple(int(open(f"/sys/class/net/{interface}/statistics/{d}_bytes").read()) for d in ("tx", "rx"))
+    except OSError:
+        return None
+
+
+def time_variants(built, variants, data, target, steps, reps, comm, interface=None):
+    """Per variant, the step time of each repetition (the slowest learner's mean), the diagnostics overhead,
+    and the bytes per step through the busiest host's link, each direction (emulated hosts: ``interface``)."""
     times = {v: [] for v in variants}
     overhead = {v: [] for v in variants if built[v][2]}
+    moved = {v: [0, 0] for v in variants}
     for rep in range(reps):
         for v in rotated(variants, rep):
             comm.Barrier()
-            t, diagnosed = run_steps(*built[v], data, target, steps)
+            before = link_bytes(interface)
+            t, diagnosed = run_steps(*built[v], data, target, steps, IN_STEP.setdefault(v, []))
+            after = link_bytes(interface)
             # A step is as slow as the slowest learner.
             times[v].append(max(comm.allgather(statistics.mean(t))))
             if v in overhead:
                 overhead[v].append(max(comm.allgather(diagnostics_overhead(t, diagnosed))))
-    return times, overhead
+            if before is not None:
+                moved[v] = [m + a - b for m, a, b in zip(moved[v], after, before)]
+    per_host = comm.allgather(moved if link_bytes(interface) is not None else None)
+    per_host = [m for m in per_host if m is not None]
+    link = {v: [max(m[v][d] for m in per_host) / (reps * steps) for d in (0, 1)] for v in variants} \
+        if per_host else {}
+    return times, overhead, link
 
 
 def time_nonfinite_check(opt, reps, comm, calls=5):
@@ -126,9 +174,33 @@ def time_nonfinite_check(opt, reps, comm, calls=5):
     return out
 
 
-def exchange_polled(comm, send, recv, peer):
-    """One message each way with ``peer``: ``Isend``/``Irecv`` completed by a ``Testall`` loop, as the plugin does."""
-    requests = [comm.Irecv(recv, source=peer), comm.Isend(send, dest=peer)]
+def cross_traffic(averager, step):
+    """What learner ``averager.rank`` sends and receives across hosts in ``step``'s exchange, as raw MPI would
+    move it: ``(sends, receives)``, lists of ``(rank, numpy bytes)``. A host average: its piece of the model with
+    the learner of the same local index on each peer host (nothing for a learner that carries no piece); a
+    point-to-point plan: the whole model to each destination, from each peer."""
+    (group,) = averager.flat.groups  # benchmark-only: the parameters' storage (one dtype here)
+    plan = averager.topology.plan(averager.rank, step)
+    flat = group.flat.view(torch.uint8)
+    if plan.hosts or (plan.collective and averager.hosts is not None):
+        comms = averager.hosts
+        layout = comms.layout
+        hosts = plan.hosts or tuple(h for h in range(layout.num_hosts))
+        if comms.local_index >= comms.shards:
+            return [], []
+        size = group.flat.element_size()
+        lo, hi = (size * (k * group.numel // comms.shards) for k in (comms.local_index, comms.local_index + 1))
+        peers = [layout.hosts[h][comms.local_index] for h in hosts if h != comms.host_index]
+        piece = flat[lo:hi].numpy()
+        return [(p, piece) for p in peers], [(p, torch.empty_like(flat[lo:hi]).numpy()) for p in peers]
+    receive = group.recv_buffers(len(plan.peers), group.dtype)  # the plugin's own receive buffers
+    return ([(p, flat.numpy()) for p in plan.destinations],
+            [(p, buf.view(torch.uint8).numpy()) for p, buf in zip(plan.peers, receive)])
+
+
+def raw_polled(comm, sends, receives):
+    """``Isend``/``Irecv`` of ``sends`` and ``receives`` completed by a ``Testall`` loop, as the plugin does."""
+    requests = [comm.Irecv(buf, source=p) for p, buf in receives] + [comm.Isend(buf, dest=p) for p, buf in sends]
     while not MPI.Request.Testall(requests):
         pass
 
@@ -137,30 +209,33 @@ def time_exchange(optimizers, reps, comm):
     """Exchanging one model's weights and mixing them in, per DPSGD optimizer, vs raw MPI and hvd.allreduce.
 
     For each ``name, optimizer`` in ``optimizers``: ``<name>_transfer`` is the exchange alone
-    (sending from the parameters, receiving into buffers), ``<name>_mix`` adds mixing the
-    received weights into the parameters. Raw MPI moves the same bytes between the same memory,
-    the random-peer optimizer's contiguous parameter storage and its receive buffer, to and from
-    the same peer, three ways: a blocking ``Sendrecv``, ``Isend``/``Irecv`` with ``Waitall``, and
-    with a ``Testall`` loop (run.py compares with the way of the lowest median: with
+    (sending from the parameters, receiving into buffers; for a host average, its three rounds),
+    ``<name>_mix`` adds mixing the received weights into the parameters. ``raw_<name>`` is raw MPI
+    (``Isend``/``Irecv`` and a ``Testall`` loop) moving the same bytes between the same memory and the same
+    learners, across hosts only: the exchange's point-to-point messages, or for a host average its pieces
+    between the hosts (without the sum and gather inside them) (:func:`cross_traffic`). For the random
+    peer, raw MPI also moves its bytes two more ways: a blocking ``Sendrecv`` and ``Isend``/``Irecv`` with
+    ``Waitall`` (run.py compares with the way of the lowest median: with
     ``OMPI_MCA_mpi_yield_when_idle=1`` in a Horovod process, a blocking call often waits for a
     scheduler tick, about 4 ms here, and polling does not). ``hvd_allreduce`` reduces as many
     bytes in place, as Horovod's SSGD does. Everything is timed in an order rotated from one
     repetition to the next; each list holds one figure per repetition, the slowest learner's.
     """
     rank = comm.Get_rank()
-    random_peer = optimizers["random_peer"]
-    (group,) = random_peer._flat.groups     # benchmark-only: the parameters' storage (one dtype here)
-    send, recv = group.flat.numpy(), group.recv_buffers(1, group.dtype)[0].numpy()
+    averagers = {name: opt._averager for name, opt in optimizers.items()}  # benchmark-only
+    step = next(iter(optimizers.values())).step_count
+    traffic = {name: cross_traffic(a, step) for name, a in averagers.items()}
+    (group,) = averagers[next(iter(averagers))].flat.groups
     reduced = torch.ones(group.numel, dtype=group.dtype)
-    peer = int(random_peer.topology.partners(random_peer.step_count)[rank])  # the same peer as its exchanges
 
-    def exchange(name, opt):
+    def exchange(name, averager):
         def run():
             t0 = time.perf_counter()
-            opt._start_exchange()          # benchmark-only: drive one exchange without a training step
-            opt._handle.wait()
+            averager.start(step)           # benchmark-only: drive one exchange without a training step
+            if averager._handle is not None:
+                averager._handle.wait()
             t1 = time.perf_counter()
-            opt._mix()
+            averager.finish()
             return {f"{name}_transfer": t1 - t0, f"{name}_mix": time.perf_counter() - t0}
         return run
 
@@ -171,28 +246,30 @@ def time_exchange(optimizers, reps, comm):
             return {name: time.perf_counter() - t0}
         return run
 
-    def sendrecv():
-        if peer != rank:
-            comm.Sendrecv(send, dest=peer, recvbuf=recv, source=peer)
+    steps = [exchange(name, a) for name, a in averagers.items()]
+    steps += [timed(f"raw_{name}", lambda t=t: raw_polled(comm, *t)) for name, t in traffic.items()]
+    if "random_peer" in traffic:
+        (sends, receives) = traffic["random_peer"]
+        peer, send, recv = (sends[0][0], sends[0][1], receives[0][1]) if sends else (rank, None, None)
 
-    def isend_irecv():
-        if peer != rank:
-            MPI.Request.Waitall([comm.Irecv(recv, source=peer), comm.Isend(send, dest=peer)])
+        def sendrecv():
+            if peer != rank:
+                comm.Sendrecv(send, dest=peer, recvbuf=recv, source=peer)
 
-    def isend_irecv_polled():
-        if peer != rank:
-            exchange_polled(comm, send, recv, peer)
+        def isend_irecv():
+            if peer != rank:
+                MPI.Request.Waitall([comm.Irecv(recv, source=peer), comm.Isend(send, dest=peer)])
 
-    steps = [exchange(name, opt) for name, opt in optimizers.items()]
-    steps += [timed("raw_sendrecv", sendrecv), timed("raw_isend_irecv", isend_irecv),
-              timed("raw_isend_irecv_polled", isend_irecv_polled),
-              timed("hvd_allreduce", lambda: hvd.allreduce_(reduced, name="bench.allreduce"))]
+        steps += [timed("raw_sendrecv", sendrecv), timed("raw_isend_irecv", isend_irecv)]
+    steps.append(timed("hvd_allreduce", lambda: hvd.allreduce_(reduced, name="bench.allreduce")))
     out = {}
     for rep in range(reps):
         for fn in rotated(steps, rep):
             comm.Barrier()
             for k, t in fn().items():
                 out.setdefault(k, []).append(max(comm.allgather(t)))
+    if "raw_random_peer" in out:
+        out["raw_isend_irecv_polled"] = out["raw_random_peer"]  # the name run.py's single-host tables use
     return out
 
 
@@ -210,7 +287,7 @@ def sendrecv_curve(comm, reps, sizes=tuple(4 ** k for k in range(5, 14))):
             comm.Barrier()
             t0 = time.perf_counter()
             if peer < comm.Get_size():
-                exchange_polled(comm, send, recv, peer)
+                raw_polled(comm, [(peer, send)], [(peer, recv)])
             times.append(time.perf_counter() - t0)
         curve.append((nbytes, statistics.median(comm.allgather(statistics.median(times)))))
     return curve
@@ -224,6 +301,13 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="steps per timed repetition")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--exchanges", default="dpsgd_random_peer,dpsgd_ring",
+                        help="DPSGD variants whose exchange alone is timed against raw MPI and hvd.allreduce")
+    parser.add_argument("--exchange-reps", type=int, default=20, help="repetitions of the exchange timing (0: skip)")
+    parser.add_argument("--link", default=None,
+                        help="on emulated hosts: the hosts' link interface (veth0), whose byte counters give the "
+                             "bytes per step through the busiest host's link")
+    parser.add_argument("--curve-reps", type=int, default=5, help="repetitions of the Sendrecv sweep (0: skip)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     hvd.init()
@@ -238,20 +322,27 @@ def main():
         data, target = torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,))
         for v in variants:
             run_steps(*built[v], data, target, args.warmup)
-        times, overhead = time_variants(built, variants, data, target, args.steps, args.reps, comm)
+        times, overhead, link = time_variants(built, variants, data, target, args.steps, args.reps, comm,
+                                              args.link)
         entry = {"params": nparams, "step_s": times}
         if overhead:
             entry["diagnostics_overhead"] = overhead
+        if link:
+            entry["link_bytes_per_step"] = link
+        # the slowest learner's median time in opt.step() (waiting, mixing, updating): the rest is compute
+        entry["in_step_s"] = {v: max(comm.allgather(statistics.median(IN_STEP[v]))) for v in variants}
+        IN_STEP.clear()
         if "plugin_ssgd" in built:
             entry["nonfinite_check_s"] = time_nonfinite_check(built["plugin_ssgd"][1], max(args.reps, 20), comm)
-        exchangers = {v[len("dpsgd_"):]: built[v][1] for v in ("dpsgd_random_peer", "dpsgd_ring") if v in built}
-        if "random_peer" in exchangers:
-            entry["exchange_s"] = time_exchange(exchangers, max(args.reps, 20), comm)
+        exchangers = {v[len("dpsgd_"):]: built[v][1] for v in args.exchanges.split(",") if v in built}
+        if exchangers and args.exchange_reps:
+            entry["exchange_s"] = time_exchange(exchangers, args.exchange_reps, comm)
         results["models"][model_name] = entry
         if hvd.rank() == 0:
             median_step_s = {v: statistics.median(ts) for v, ts in times.items()}
             print(json.dumps({model_name: {"params": nparams, "median_step_s": median_step_s}}), flush=True)
-    results["sendrecv_curve"] = sendrecv_curve(comm, max(args.reps, 5))
+    if args.curve_reps:
+        results["sendrecv_curve"] = sendrecv_curve(comm, max(args.reps, args.curve_reps))
     if hvd.rank() == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

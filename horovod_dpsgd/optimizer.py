@@ -25,10 +25,12 @@ from horovod_dpsgd.callbacks import Callback
 from horovod_dpsgd import topology as topologies
 from horovod_dpsgd.comm.agreement import agree_at_construction, describe, warn_if_order_unchecked
 from horovod_dpsgd.comm.averaging import NeighbourAverager, check_floating, check_launch
+from horovod_dpsgd.comm.exchange import DEFAULT_TIMEOUT, communicator, mpi_world_size
+from horovod_dpsgd.comm.hosts import detect_layout
 from horovod_dpsgd.comm.liveness import watch_launcher
 from horovod_dpsgd.errors import MPIEnvironmentError
 from horovod_dpsgd.options import ALGORITHMS, Options
-from horovod_dpsgd.topology import Topology
+from horovod_dpsgd.topology import HostLayout, Topology
 
 __all__ = ["DistributedOptimizer", "ALGORITHMS"]
 
@@ -45,7 +47,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          process_set=global_process_set,
                          *,
                          algorithm: str = "dpsgd",
-                         topology: Union[str, Topology, np.ndarray] = "random_peer",
+                         topology: Union[str, Topology, np.ndarray] = "auto",
                          callbacks: Sequence[Callback] = (),
                          seed: int = 0,
                          timeout: Optional[float] = None,
@@ -71,20 +73,22 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     if algorithm == "dpsgd":
         _refuse_elastic()  # before any collective: an elastic job has no MPI world to agree over
     rank, size = hvd.rank(), hvd.size()
+    layout, comm = _host_layout(process_set is global_process_set, timeout, rank, size)
     # Validate locally, then agree with the other ranks in one collective: an invalid argument on one rank, or
     # settings that differ between ranks, raise the same error on every rank instead of leaving the others waiting.
     try:
         local = _validate(optimizer, named_parameters, compression, backward_passes_per_step, op,
                           gradient_predivide_factor, num_groups, groups, process_set, rank, size,
                           Options(algorithm=algorithm, topology=topology, callbacks=tuple(callbacks or ()), seed=seed,
-                                  timeout=timeout, overlap=overlap, cuda_aware=cuda_aware, nonfinite=nonfinite))
+                                  timeout=timeout, overlap=overlap, cuda_aware=cuda_aware, nonfinite=nonfinite),
+                          layout)
     except (ValueError, TypeError) as exc:
         local = exc
     ok = not isinstance(local, BaseException)
     comm = agree_at_construction(local.description if ok else local, rank, size,
                                  local.options.timeout if ok else Options().timeout,
                                  topology=local.topology if ok else None,
-                                 over_world=process_set is global_process_set)
+                                 over_world=process_set is global_process_set, comm=comm)
     watch_launcher()
     options, named = local.options, local.named
     base = {"named_parameters": named, "options": options, "rank": rank, "size": size}
@@ -102,7 +106,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                                           gradients=functools.partial(HorovodAllreduce, horovod=horovod), **base)
 
     check_launch(size)
-    averager = NeighbourAverager.create(named, options, compression, local.topology, comm)
+    averager = NeighbourAverager.create(named, options, compression, local.topology, comm, layout)
     return _subclass(optimizer, DPSGD)(optimizer.param_groups, averager=averager,
                                        backward_passes_per_step=backward_passes_per_step, **base)
 
@@ -119,7 +123,8 @@ class _Validated(NamedTuple):
 
 
 def _validate(optimizer, named_parameters, compression, backward_passes_per_step, op, gradient_predivide_factor,
-              num_groups, groups, process_set, rank: int, size: int, options: Options) -> _Validated:
+              num_groups, groups, process_set, rank: int, size: int, options: Options,
+              layout: Optional[HostLayout] = None) -> _Validated:
     """Check this rank's arguments (Horovod's checks, then the plugin's); raises ValueError or TypeError."""
     groups = _check_horovod_arguments(op, gradient_predivide_factor, num_groups, groups, backward_passes_per_step,
                                       process_set, options.algorithm)
@@ -131,12 +136,27 @@ def _validate(optimizer, named_parameters, compression, backward_passes_per_step
     warn_if_order_unchecked(named_parameters, named, rank, size)
     mixing = None
     if options.algorithm == "dpsgd":
-        mixing = topologies.from_name(options.topology, size, options.seed)
+        mixing = topologies.from_name(options.topology, size, options.seed, layout=layout)
         check_floating(named)
     description = describe(options=options, topology=mixing, named=named, compression=compression,
                            backward_passes_per_step=backward_passes_per_step, op=op,
                            gradient_predivide_factor=gradient_predivide_factor)
     return _Validated(options, named_parameters, named, groups, mixing, description)
+
+
+def _host_layout(over_world: bool, timeout: Optional[float], rank: int, size: int):
+    """``(layout, comm)``: over MPI's world, the hosts' layout (which decides ``topology="auto"`` and the
+    hierarchical plans, so every rank knows it before the ranks compare their plans) and the plugin's
+    communicator it was detected on; ``(None, None)`` otherwise. Collective, whatever the arguments (a rank
+    with invalid ones still takes part, and the ranks then agree on its error)."""
+    if not over_world or mpi_world_size() != size:
+        return None, None
+    try:
+        wait = Options(timeout=timeout).timeout
+    except (TypeError, ValueError):  # reported with the other arguments, on every rank
+        wait = DEFAULT_TIMEOUT
+    comm = communicator(rank, size, wait)
+    return detect_layout(comm), comm
 
 
 def _check_horovod_arguments(op, gradient_predivide_factor: float, num_groups: int, groups,

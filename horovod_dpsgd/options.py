@@ -25,9 +25,14 @@ class Options:
     Attributes:
         algorithm: ``"dpsgd"`` (paper Eq. 2: average weights with neighbours, then apply the gradient taken at
             the learner's own weights) or ``"ssgd"`` (Eq. 1: Horovod's gradient allreduce).
-        topology: who each learner averages with, DPSGD only: a name (``"random_peer"``, ``"ring"``,
-            ``"ring:2"``, ``"random_graph:0.5"``, ``"exponential"``, ``"full"``), a
-            :class:`~horovod_dpsgd.topology.Topology`, or a mixing matrix.
+        topology: who each learner averages with, DPSGD only: a name (``"auto"``, ``"hierarchical"``,
+            ``"random_peer"``, ``"one_peer_exponential"``, ``"ring"``, ``"ring:2"``, ``"random_graph:0.5"``,
+            ``"exponential"``, ``"full"``, ``"periodic:8"``, ``"local_sgd:8"``; see
+            :func:`horovod_dpsgd.topology.from_name`), a :class:`~horovod_dpsgd.topology.Topology`, or a mixing
+            matrix. ``"auto"`` (the default) is chosen from the host layout when the optimizer is built
+            (:func:`horovod_dpsgd.topology.default_topology`): ``"hierarchical"`` when several hosts run several
+            learners each, the paper's ``"random_peer"`` otherwise; pass ``"random_peer"`` for the paper's
+            setting on every layout.
         callbacks: :class:`~horovod_dpsgd.Callback` objects called at fixed points of every step.
         seed: seed of random topologies; the same on every rank.
         timeout: seconds any wait for a neighbour may take before
@@ -46,7 +51,7 @@ class Options:
     """
 
     algorithm: str = "dpsgd"
-    topology: Union[str, Topology, np.ndarray] = "random_peer"
+    topology: Union[str, Topology, np.ndarray] = "auto"
     callbacks: Tuple[Callback, ...] = ()
     seed: int = 0
     timeout: Optional[float] = None

@@ -37,14 +37,14 @@ Description = Dict[str, Any]
 
 def plans_digest(topology, steps: int = FINGERPRINT_STEPS) -> List[str]:
     """One digest per step of every learner's mixing plan (who with whom, with what weights to 9 decimals, and
-    whether by allreduce): equal plans give equal digests, whatever arithmetic built the matrix."""
+    whether by allreduce, to whom it sends, over which hosts it averages): equal plans give equal digests, whatever arithmetic built the matrix."""
     digests = []
     for step in range(steps if topology.dynamic else 1):
         h = hashlib.sha256()
         for rank in range(topology.size):
             plan = topology.plan(rank, step)
             h.update(repr((round(plan.self_weight, 9), tuple(plan.peers), tuple(round(w, 9) for w in plan.peer_weights),
-                           bool(plan.collective))).encode())
+                           bool(plan.collective), plan.send_to, tuple(plan.hosts))).encode())
         digests.append(h.hexdigest()[:16])
     return digests
 
@@ -199,11 +199,11 @@ def agree(comm, mine: Union[Description, BaseException], topology=None) -> None:
 
 
 def agree_at_construction(mine: Union[Description, BaseException], rank: int, size: int, timeout: float,
-                          topology=None, over_world: bool = True):
+                          topology=None, over_world: bool = True, comm=None):
     """The construction collective; returns the plugin's MPI communicator, or None without one.
 
     Over MPI when MPI's world is Horovod's (always, for DPSGD); through Horovod's ``allgather_object`` otherwise
-    (SSGD under Gloo). ``over_world=False`` (SSGD over a process set) compares nothing: ranks outside the set do not
+    (SSGD under Gloo); ``comm``: the plugin's communicator, if already built. ``over_world=False`` (SSGD over a process set) compares nothing: ranks outside the set do not
     build this optimizer.
     """
     from horovod_dpsgd.comm.exchange import communicator, mpi_world_size
@@ -212,7 +212,7 @@ def agree_at_construction(mine: Union[Description, BaseException], rank: int, si
             raise mine
         return None
     if mpi_world_size() == size:
-        comm = communicator(rank, size, timeout)
+        comm = comm if comm is not None else communicator(rank, size, timeout)
         agree(comm, mine, topology)
         return comm
     if isinstance(mine, BaseException):

@@ -3,7 +3,8 @@ r"""The averager of DPSGD over MPI: the first term of paper Eq. 2, ``w_s,j(t) = 
 :class:`NeighbourAverager` asks the topology who learner ``j`` averages with at step ``t``
 (:meth:`~horovod_dpsgd.topology.Topology.plan`), has the exchange move the weights, and mixes them into
 the parameters in place. The weights travel straight from the parameters' flat storage
-(:mod:`horovod_dpsgd.comm.buffers`), one message per peer and dtype.
+(:mod:`horovod_dpsgd.comm.buffers`), one message per peer and dtype; a plan that averages over whole
+hosts (and full averaging across hosts) is carried out host by host (:mod:`horovod_dpsgd.comm.hosts`).
 """
 
 import os
@@ -17,6 +18,7 @@ from horovod_dpsgd import topology as topologies
 from horovod_dpsgd.comm.buffers import FlatParameters
 from horovod_dpsgd.comm.agreement import resolve_step
 from horovod_dpsgd.comm.exchange import Exchange, ExchangeHandle, Transfer, abort_job_on_uncaught_exception
+from horovod_dpsgd.comm.hosts import HostAverage, HostComms, host_buffers
 from horovod_dpsgd.comm import liveness
 from horovod_dpsgd.comm.screen import WeightScreen, finite
 from horovod_dpsgd.errors import MPIEnvironmentError, ParameterMismatchError
@@ -47,6 +49,16 @@ def check_floating(named: Sequence[Tuple[str, torch.Tensor]]) -> None:
                 "parameters: give it requires_grad=False or leave it out of the optimizer")
 
 
+def _host_comms(comm, topology: topologies.Topology, layout: Optional[topologies.HostLayout]) -> Optional[HostComms]:
+    """The host communicators the topology's plans need (:func:`~horovod_dpsgd.topology.averages_by_host`):
+    for its own host layout (hierarchical), or for the job's when several hosts run several learners each
+    (full averages go host by host). Collective."""
+    layout = topologies.averages_by_host(topology, layout) if layout is not None else topology.layout
+    if layout is None:
+        return None
+    return HostComms(comm, layout, topology.shards or min(layout.local_sizes))
+
+
 class NeighbourAverager:
     """Moves and mixes learner ``rank``'s weights with its neighbours', one step at a time.
 
@@ -60,6 +72,8 @@ class NeighbourAverager:
         "topology", "rank", "size",
         # what moves, and how: the parameters' flat storage, the exchange, the wire format
         "flat", "exchange", "compression",
+        # averages over whole hosts: the hosts' communicators, each flat group's work buffers
+        "hosts", "_host_buffers",
         # this optimizer's place among the learners that announce when they leave
         "membership",
         # what may be mixed: the non-finite weights check (None: nonfinite="ignore")
@@ -71,10 +85,11 @@ class NeighbourAverager:
 
     def __init__(self, flat: FlatParameters, exchange: Exchange, topology: topologies.Topology, *, rank: int,
                  size: int, compression: Compressor, membership: Optional[liveness.Membership] = None,
-                 screen: Optional[WeightScreen] = None):
+                 screen: Optional[WeightScreen] = None, hosts: Optional[HostComms] = None):
         self.topology, self.rank, self.size = topology, rank, size
         self.flat, self.exchange, self.compression = flat, exchange, compression
         self.membership, self.screen = membership, screen
+        self.hosts, self._host_buffers = hosts, None
         self._plan: Optional[topologies.MixingPlan] = None
         self._handle: Optional[ExchangeHandle] = None
         # The communication thread ends with the averager. Not at interpreter exit: the daemon thread
@@ -83,18 +98,21 @@ class NeighbourAverager:
 
     @classmethod
     def create(cls, named: Sequence[Tuple[str, torch.Tensor]], options: Options, compression: Compressor,
-               topology: topologies.Topology, comm) -> "NeighbourAverager":
+               topology: topologies.Topology, comm,
+               layout: Optional[topologies.HostLayout] = None) -> "NeighbourAverager":
         """The averager of this Horovod rank over ``comm``, the plugin's communicator on which the ranks have
-        agreed on their settings (:func:`~horovod_dpsgd.comm.agreement.agree_at_construction`). Moves the
-        parameters into flat storage."""
+        agreed on their settings (:func:`~horovod_dpsgd.comm.agreement.agree_at_construction`), laid out on hosts
+        as ``layout`` (:func:`~horovod_dpsgd.comm.hosts.detect_layout`). Moves the parameters into flat storage."""
         membership = liveness.join(comm, options.timeout)
         abort_job_on_uncaught_exception()  # from here on, a rank that fails ends the job
         flat = FlatParameters([p for _, p in named], cuda_aware=options.cuda_aware)
-        exchange = Exchange(comm, options.timeout, options.overlap, check=membership.check)
+        hosts = _host_comms(comm, topology, layout)
+        exchange = Exchange(comm, options.timeout, options.overlap, check=membership.check,
+                            where=layout.where if layout is not None and layout.num_hosts > 1 else None)
         rank = comm.Get_rank()
         screen = None if options.nonfinite == "ignore" else WeightScreen(options.nonfinite, rank)
         return cls(flat, exchange, topology, rank=rank, size=comm.Get_size(), compression=compression,
-                   membership=membership, screen=screen)
+                   membership=membership, screen=screen, hosts=hosts)
 
     def agree_on_step(self, step: int, restored: bool) -> int:
         """The step every rank continues from (collective, at the first exchange after construction): fresh ranks
@@ -109,16 +127,30 @@ class NeighbourAverager:
         """Send ``w_j(step)`` to the peers of ``step``'s plan and post the receives."""
         plan = self.topology.plan(self.rank, step)
         self._announce_after(step + 1)
+        self._plan = plan
+        if plan.hosts or (plan.collective and self.hosts is not None):
+            self._handle = self.exchange.submit(self._host_average(plan, step))
+            return
         transfers: List[Transfer] = []
         for group in self.flat.groups:
             send = group.send_buffer()
             if plan.collective:
                 transfers.append(Transfer(send, None, [group.sum_buffer()]))
-            elif plan.peers:
+            elif plan.peers or plan.destinations:
                 wire, _ = self.compression.compress(send)
-                transfers.append(Transfer(wire, plan.peers, group.recv_buffers(len(plan.peers), wire.dtype)))
-        self._plan = plan
+                transfers.append(Transfer(wire, plan.peers, group.recv_buffers(len(plan.peers), wire.dtype),
+                                          plan.send_to))
         self._handle = self.exchange.start(transfers, step, plan.peers) if transfers else None
+
+    def _host_average(self, plan: topologies.MixingPlan, step: int) -> HostAverage:
+        """The average over the plan's hosts (every host, own first, for full averaging)."""
+        comms = self.hosts
+        hosts = plan.hosts or (comms.host_index,) + tuple(h for h in range(comms.layout.num_hosts)
+                                                           if h != comms.host_index)
+        if self._host_buffers is None:
+            self._host_buffers = host_buffers(self.flat.groups, comms.shards)
+        sends = [group.send_buffer() for group in self.flat.groups]
+        return HostAverage(self.exchange, comms, sends, self._host_buffers, step, hosts, self.compression)
 
     def _announce_after(self, steps: int) -> None:
         """If this learner leaves now, it leaves after ``steps`` steps (its weights of step ``steps - 1`` are sent)."""
@@ -137,6 +169,15 @@ class NeighbourAverager:
         handle.wait()
         self._handle = None
         groups = self.flat.groups
+        if isinstance(handle, HostAverage):
+            means = handle.results()
+            if self.screen is not None and not all(finite(means)):
+                # every learner of these hosts has the same mean: all of them raise, or all keep their weights
+                self.screen.reject(handle.sources(), handle.step)
+                return
+            for group, mean in zip(groups, means):
+                group.assign(mean)
+            return
         if plan.collective:
             sums, count = [t.recv[0] for t in handle.transfers], self.size
             if self.screen is not None and not all(finite(sums)):

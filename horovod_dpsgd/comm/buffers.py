@@ -128,6 +128,11 @@ class FlatGroup:
             self.flat.copy_(target)
 
     @torch.no_grad()
+    def assign(self, values: torch.Tensor) -> None:
+        """Set the parameters to ``values`` (a flat tensor of this group's size and dtype)."""
+        self.flat.copy_(values)
+
+    @torch.no_grad()
     def set_average(self, total: torch.Tensor, count: int) -> None:
         """Set the parameters to ``total / count`` (full averaging)."""
         if self.send is self.flat:

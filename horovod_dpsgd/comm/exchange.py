@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -180,14 +180,15 @@ def abort_job_on_uncaught_exception() -> None:
 class Transfer(NamedTuple):
     """One flat buffer's traffic in an exchange.
 
-    Point-to-point: ``send`` goes to every peer in ``peers``; ``recv[i]`` receives from
-    ``peers[i]``. Collective (``peers is None``): ``recv[0]`` receives the sum of ``send``
-    over all ranks.
+    Point-to-point: ``send`` goes to every rank in ``dests`` (``peers`` when ``None``, as for a
+    symmetric topology); ``recv[i]`` receives from ``peers[i]``. Collective (``peers is None``):
+    ``recv[0]`` receives the sum of ``send`` over all ranks.
     """
 
     send: torch.Tensor
     peers: Optional[Sequence[int]]
     recv: Sequence[torch.Tensor]
+    dests: Optional[Sequence[int]] = None
 
 
 def _as_bytes(t: torch.Tensor):
@@ -213,7 +214,8 @@ class ExchangeHandle:
         self._claim = threading.Lock()  # taken by the thread that completes the exchange
         self._error: Optional[BaseException] = None
         self._requests: List = []
-        self._request_peers: List[Optional[int]] = []  # peer of each request (None: collective)
+        # what each request waits for: a peer's rank, or (collectives) None or a description of the collective
+        self._request_peers: List[Union[int, str, None]] = []
         self._receives: List[int] = []  # indices of the point-to-point receives, whose tags name the peer's step
         self._steps: Optional[np.ndarray] = None  # every rank's step, gathered alongside collectives
         self._staged = []  # (float32 copy, destination) of collectives on reduced precision
@@ -235,7 +237,7 @@ class ExchangeHandle:
                 self._receives.append(len(self._requests))
                 self._requests.append(comm.Irecv(_as_bytes(buf), source=peer, tag=MPI.ANY_TAG))
                 self._request_peers.append(peer)
-            for peer in t.peers:
+            for peer in (t.peers if t.dests is None else t.dests):
                 self._requests.append(comm.Isend(_as_bytes(t.send), dest=peer, tag=tag))
                 self._request_peers.append(peer)
         if self._request_peers and self._request_peers[0] is None:  # a collective carries no tag: gather the steps
@@ -253,18 +255,29 @@ class ExchangeHandle:
             if not self._requests:
                 self._post()
             deadline = time.monotonic() + self._exchange.timeout
-            statuses = [_mpi().Status() for _ in self._requests]
             check = self._exchange.check
-            _wait_requests(self._requests, deadline, self._timeout_message, self._urgent,
-                           check=(lambda: check(self.step)) if check is not None else None,
-                           stalled=self._stall_message, statuses=statuses)
-            self._check_steps(statuses)
+            while True:
+                statuses = [_mpi().Status() for _ in self._requests]
+                _wait_requests(self._requests, deadline, self._timeout_message, self._urgent,
+                               check=(lambda: check(self.step)) if check is not None else None,
+                               stalled=self._stall_message, statuses=statuses)
+                self._check_steps(statuses)
+                if not self._next_round():
+                    break
             for tmp, out in self._staged:
                 out.copy_(tmp)
         except BaseException as exc:  # handed to the waiting thread
             self._error = exc
         finally:
             self._done.set()
+
+    def _next_round(self) -> bool:
+        """Post the requests of the exchange's next round, once the previous ones completed; False when done.
+
+        A plain exchange has one round. Subclasses with several (e.g. a sum inside each host, then an
+        exchange across hosts) replace ``_requests``, ``_request_peers`` and ``_receives`` here.
+        """
+        return False
 
     def _check_steps(self, statuses) -> None:
         """Raise StepMismatchError if a peer sent the weights of another step."""
@@ -274,18 +287,23 @@ class ExchangeHandle:
         other = next(((peer, s) for peer, s in steps if s != self.step), None)
         if other is not None:
             raise StepMismatchError(
-                f"rank {self._exchange.comm.Get_rank()}: in the weight exchange of step {self.step}, rank {other[0]} "
-                f"sent its weights of step {other[1]}: the ranks' step counters differ. Every rank must count the "
-                "same steps: a rank that caught an exception raised inside step() and went on, or that called "
-                "load_state_dict alone, is out of step; restart from a checkpoint loaded on every rank")
+                f"rank {self._exchange.comm.Get_rank()}: in the weight exchange of step {self.step}, "
+                f"{self._exchange.where(other[0])} sent its weights of step {other[1]}: the ranks' step counters "
+                "differ. Every rank must count the same steps: a rank that caught an exception raised inside step() "
+                "and went on, or that called load_state_dict alone, is out of step; restart from a checkpoint loaded "
+                "on every rank")
 
     def _silent(self, pending: Sequence[int] = ()) -> str:
-        silent = sorted({self._request_peers[i] for i in pending if self._request_peers[i] is not None})
-        if silent:
-            return f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))}"
+        where = self._exchange.where
+        waits = [self._request_peers[i] for i in pending]
+        silent = sorted({p for p in waits if isinstance(p, int)})
+        stuck = sorted({p for p in waits if isinstance(p, str)})
+        if silent or stuck:
+            return "; ".join(([", ".join(map(where, silent))] if silent else []) +
+                             [f"{what} (not complete)" for what in stuck])
         if pending:
             return "the allreduce over all ranks"
-        return f"peers {list(self.peers)}" if self.peers else "the allreduce"
+        return ", ".join(map(where, self.peers)) if self.peers else "the allreduce"
 
     def _timeout_message(self, pending: Sequence[int] = ()) -> str:
         return (f"rank {self._exchange.comm.Get_rank()}: in the weight exchange of step {self.step}, "
@@ -328,11 +346,13 @@ class Exchange:
     """
 
     def __init__(self, comm, timeout: float = DEFAULT_TIMEOUT, overlap: bool = True,
-                 check: Optional[Callable[[int], None]] = None):
+                 check: Optional[Callable[[int], None]] = None, where: Optional[Callable[[int], str]] = None):
         MPI = _mpi()
         self.comm = comm
         self.timeout = float(timeout)
         self.check = check
+        #: How messages name a rank (e.g. with its host): ``where(rank)``.
+        self.where = where or (lambda rank: f"rank {rank}")
         self._worker = None
         if overlap and MPI.Query_thread() >= MPI.THREAD_MULTIPLE:
             # A daemon thread: a process that exits (or dies) never waits for a blocked exchange.
@@ -350,7 +370,10 @@ class Exchange:
 
     def start(self, transfers: Sequence[Transfer], step: int, peers: Sequence[int] = ()) -> ExchangeHandle:
         """Start moving ``transfers``; ``peers`` only names them in error messages."""
-        handle = ExchangeHandle(self, transfers, step, peers)
+        return self.submit(ExchangeHandle(self, transfers, step, peers))
+
+    def submit(self, handle: ExchangeHandle) -> ExchangeHandle:
+        """Start an exchange built on this one (an :class:`ExchangeHandle` or a subclass of it)."""
         if self._worker is not None:
             self._jobs.put(handle)
         else:

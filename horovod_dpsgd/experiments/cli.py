@@ -262,16 +262,22 @@ def figure2(sec21_dir, sec22_dir, seed, out, target_accuracy, at_steps, windows,
 
 @main.command()
 @click.argument("spec", type=TopologySpec())
-@click.option("--size", type=click.IntRange(min=1), required=True, help="World size (number of learners).")
+@click.option("--size", type=click.IntRange(min=1), default=None,
+              help="World size (number of learners); with --hosts, the layout's.")
+@click.option("--hosts", default=None,
+              help="Host layout, for 'auto' and 'hierarchical': HxL (H hosts of L consecutive ranks) or L1,L2,...")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random topologies.")
 @click.option("--step", "steps", type=click.IntRange(min=0), multiple=True,
               help="For dynamic topologies, also print W at these steps.")
-def topology(spec, size, seed, steps):
+def topology(spec, size, hosts, seed, steps):
     """Print a topology: neighbours, mixing matrix, spectral gap."""
     import numpy as np
     from horovod_dpsgd import topology as T
     try:
-        topo = T.from_name(spec, size=size, seed=seed)
+        layout = T.HostLayout.parse(hosts) if hosts else None
+        if size is None and layout is None:
+            raise click.UsageError("give --size N or --hosts HxL")
+        topo = T.from_name(spec, size=size or layout.size, seed=seed, layout=layout)
     except T.TopologyError as exc:
         raise click.BadParameter(str(exc), param_hint="SPEC") from None
     click.echo(str(topo))

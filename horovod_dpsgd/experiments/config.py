@@ -49,7 +49,7 @@ class TopologySpec(click.ParamType):
         if not isinstance(value, str):
             self.fail(f"expected a topology name, got {value!r}", param, ctx)
         try:
-            topology.from_name(value, size=1)  # one learner: parses name and argument, needs no graph
+            topology.check_name(value)
         except topology.TopologyError as exc:
             self.fail(str(exc), param, ctx)
         return value
@@ -91,7 +91,8 @@ class TrainConfig:
     model: str = _field("mlp", "Model name, e.g. mlp, resnet18, vgg19, lstm (see docs/models.md).")
     algorithm: str = _field("dpsgd", "dpsgd: average weights with neighbours (Eq. 2); ssgd: Horovod's gradient "
                                      "allreduce (Eq. 1).", click.Choice(ALGORITHMS))
-    topology: str = _field("ring", f"DPSGD topology: {', '.join(TOPOLOGY_NAMES)} (ring:K, random_graph:P); "
+    topology: str = _field("ring", f"DPSGD topology: {', '.join(TOPOLOGY_NAMES)} (ring:K, random_graph:P, "
+                                   "hierarchical:HxL, periodic:H[:BASE], local_sgd:H); "
                                    "built for the job's world size.", TopologySpec())
     engine: str = _field("mpi", "mpi: one process per learner, run under horovodrun; sim: all --np learners in this "
                                 "process (horovod_dpsgd.sim), the same run to float rounding (docs/simulator.md).",

@@ -29,7 +29,7 @@ def test_topology_command_prints_neighbours_and_gap():
 
 @pytest.mark.parametrize("args,words", [
     (["topology", "torus", "--size", "4"], "unknown topology"),
-    (["topology", "ring"], "Missing option '--size'"),
+    (["topology", "ring"], "give --size N or --hosts HxL"),
     (["train", "--batch-size", "0"], "Invalid value for '--batch-size'"),
     (["train", "--algorithm", "adam"], "Invalid value for '--algorithm'"),
     (["train", "--decay-epochs", "1,x"], "comma-separated float values"),

@@ -50,3 +50,25 @@ def all_weights(model) -> torch.Tensor:
     _calls[0] += 1
     return hvd.allgather(flat.unsqueeze(0), name=f"weights.{_calls[0]}")
 
+
+def dpsgd_vs_reference(topology, passes=1, steps=6, make=make_model, momentum=0.9, **options) -> dict:
+    """Train ``steps`` steps of DistributedOptimizer(topology=...) and compare every learner's weights with the
+    single-process reference (tests/support/reference.py) fed the same topology. Collective."""
+    import horovod_dpsgd as hd
+    from reference import dpsgd_reference
+    rank, size = hvd.rank(), hvd.size()
+    model = make()
+    sgd = (lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-4 if momentum else 0.0))
+    opt = hd.DistributedOptimizer(sgd(model), named_parameters=model.named_parameters(),
+                                  backward_passes_per_step=passes, topology=topology, seed=3, **options)
+    for t in range(steps):
+        opt.zero_grad()
+        for k in range(passes):
+            loss_fn(model, rank, t, k).backward()
+        opt.step()
+    got = all_weights(model)
+    models = [make() for _ in range(size)]
+    want = dpsgd_reference(models, [sgd(m) for m in models], opt.topology, loss_fn, steps, passes)
+    spread = float((got - got.mean(0)).abs().max())
+    return {"max_abs_diff": float((got - torch.stack(want)).abs().max()), "learner_spread": spread,
+            "steps": opt.step_count}

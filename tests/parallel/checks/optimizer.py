@@ -19,8 +19,7 @@ import torch
 import horovod.torch as hvd
 
 import horovod_dpsgd as hd
-from common import all_weights, batch, check, loss_fn, make_model
-from reference import dpsgd_reference
+from common import all_weights, batch, check, dpsgd_vs_reference, loss_fn, make_model
 
 hvd.init()
 RANK, SIZE = hvd.rank(), hvd.size()
@@ -45,24 +44,6 @@ class EmbeddingBag(torch.nn.Module):
         return self.head(self.emb(idx).mean(1))
 
 
-def dpsgd_vs_reference(topology, passes=1, steps=6, make=make_model, momentum=0.9, **options):
-    model = make()
-    sgd = (lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-4 if momentum else 0.0))
-    opt = hd.DistributedOptimizer(sgd(model), named_parameters=model.named_parameters(),
-                                  backward_passes_per_step=passes, topology=topology, seed=3, **options)
-    for t in range(steps):
-        opt.zero_grad()
-        for k in range(passes):
-            loss_fn(model, RANK, t, k).backward()
-        opt.step()
-    got = all_weights(model)
-    models = [make() for _ in range(SIZE)]
-    want = dpsgd_reference(models, [sgd(m) for m in models], opt.topology, loss_fn, steps, passes)
-    spread = float((got - got.mean(0)).abs().max())
-    return {"max_abs_diff": float((got - torch.stack(want)).abs().max()), "learner_spread": spread,
-            "steps": opt.step_count}
-
-
 for topo in ("ring", "random_peer", "exponential", "random_graph"):
     check(f"reference_{topo}")(lambda topo=topo: dpsgd_vs_reference(topo))
 check("reference_ring_passes2")(lambda: dpsgd_vs_reference("ring", passes=2))
@@ -70,7 +51,6 @@ check("reference_sparse_gradients")(lambda: dpsgd_vs_reference("ring", make=Embe
 check("reference_ring_no_comm_thread")(lambda: dpsgd_vs_reference("ring", overlap=False))
 check("reference_random_peer_fp16_wire")(lambda: dpsgd_vs_reference("random_peer", compression=hvd.Compression.fp16))
 check("reference_user_matrix")(lambda: dpsgd_vs_reference(hd.topology.ring(SIZE).mixing_matrix()))
-
 
 @check("full_averaging")
 def _():
