@@ -131,8 +131,8 @@ ELASTIC = {
         "--model", "resnet18", "--batch-size", "2", "--num-warmup-batches", "1", "--num-batches-per-iter", "1",
         "--num-iters", "1"],
     "examples/elastic/pytorch/pytorch_imagenet_resnet50_elastic.py": lambda data: [
-        "--train-dir", data, "--val-dir", data, "--batch-size", "2", "--epochs", "1", "--log-dir", data / "logs",
-        "--checkpoint-format", data / "checkpoint-{epoch}.pth.tar"],
+        "--train-dir", data, "--val-dir", data, "--batch-size", "2", "--epochs", "1", "--log-dir", data.parent / "logs",
+        "--checkpoint-format", data.parent / "checkpoint-{epoch}.pth.tar"],
 }
 
 
@@ -150,7 +150,9 @@ def test_the_elastic_mnist_example_trains_with_algorithm_ssgd_as_the_refusal_adv
     script = swapped("examples/elastic/pytorch/pytorch_mnist_elastic.py", tmp_path,
                      ("named_parameters=model.named_parameters(),", "named_parameters=model.named_parameters(), "
                                                                     "algorithm='ssgd',"))
-    proc = horovodrun(2, script, ["--epochs", "1", "--data-dir", mnist_dir], timeout=300, extra=discovery)
+    proc = horovodrun(2, script, ["--epochs", "2", "--data-dir", mnist_dir], timeout=300, extra=discovery)
     assert proc.returncode == 0, proc.stdout[-5000:]
-    accuracy = re.findall(r"Test set: Average loss: [\d.]+, Accuracy: ([\d.]+)%", proc.stdout)
-    assert accuracy and float(accuracy[-1]) > 50.0, proc.stdout[-3000:]
+    accuracies = [float(a) for a in re.findall(r"Test set: Average loss: [\d.]+, Accuracy: ([\d.]+)%", proc.stdout)]
+    assert len(accuracies) == 2, proc.stdout[-3000:]
+    # as Horovod's non-elastic MNIST example above (19.1 % after one epoch here); 10 % is chance
+    assert accuracies[-1] > 35.0 and accuracies[-1] > accuracies[0] + 10.0, accuracies
