@@ -128,12 +128,16 @@ def check_name(spec: str) -> None:
     """Raise :class:`TopologyError` unless ``spec`` is a valid topology name with valid arguments.
 
     Checks the syntax, before the world size is known: the topology is built for the ranks of an explicit
-    host layout in the name (``hierarchical:2x4``), for 4 ranks on 2 hosts otherwise.
+    host layout in the name (``hierarchical:2x4``), for 4 ranks on 2 hosts for other hierarchical names, and for
+    one rank otherwise (which parses the name and its arguments but needs no graph: ``random_graph:0.05`` may
+    have no connected graph on 4 nodes, yet be valid for the job's 2).
     """
-    layout = HostLayout.uniform(2, 2)
     parts = [p.strip().lower() for p in spec.split(":")]
-    if "hierarchical" in parts:
-        for arg in parts[parts.index("hierarchical") + 1:]:
-            if arg and arg != "leader":
-                layout = HostLayout.parse(arg)
+    if "hierarchical" not in parts:
+        from_name(spec, 1)
+        return
+    layout = HostLayout.uniform(2, 2)
+    for arg in parts[parts.index("hierarchical") + 1:]:
+        if arg and arg != "leader" and not arg.startswith("every="):
+            layout = HostLayout.parse(arg)
     from_name(spec, layout.size, layout=layout)

@@ -153,6 +153,6 @@ def test_the_elastic_mnist_example_trains_with_algorithm_ssgd_as_the_refusal_adv
     proc = horovodrun(2, script, ["--epochs", "2", "--data-dir", mnist_dir], timeout=300, extra=discovery)
     assert proc.returncode == 0, proc.stdout[-5000:]
     accuracies = [float(a) for a in re.findall(r"Test set: Average loss: [\d.]+, Accuracy: ([\d.]+)%", proc.stdout)]
-    assert len(accuracies) == 2, proc.stdout[-3000:]
-    # as Horovod's non-elastic MNIST example above (19.1 % after one epoch here); 10 % is chance
-    assert accuracies[-1] > 35.0 and accuracies[-1] > accuracies[0] + 10.0, accuracies
+    assert accuracies, proc.stdout[-3000:]  # the elastic example tests once, after the last epoch
+    # as Horovod's non-elastic MNIST example above (47.5 % after 2 epochs here, 19.1 % after 1); 10 % is chance
+    assert accuracies[-1] > 35.0, accuracies
