@@ -14,18 +14,8 @@ import horovod_dpsgd as hd
 from horovod_dpsgd import sim, topology as topologies
 from horovod_dpsgd.sim.averaging import MixingMatrix, StackedAverager
 from reference import dpsgd_reference
+from workload import Recorder, batch, make_model
 
-
-def make_model(seed: int = 0, hidden: int = 16) -> torch.nn.Module:
-    """The small model of tests/parallel/checks/common.py."""
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(8, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 3))
-
-
-def batch(rank: int, t: int, k: int = 0, size: int = 16):
-    """Learner ``rank``'s batch of step ``t`` (pass ``k``), as in tests/parallel/checks/common.py."""
-    g = torch.Generator().manual_seed(100_000 * t + 1000 * k + rank)
-    return torch.randn(size, 8, generator=g), torch.randint(0, 3, (size,), generator=g)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -259,25 +249,6 @@ def test_ssgd_trains_identical_replicas_as_one_model_on_all_learners_batches():
 
 # -- callbacks see learner j as MPI rank j ------------------------------------------------------------------------
 
-class Recorder(hd.Callback):
-    def __init__(self):
-        self.seen = []
-
-    def _snap(self, hook, ctx):
-        flat = torch.cat([p.detach().reshape(-1) for p in ctx.parameters()]).clone()
-        grad = torch.cat([p.grad.reshape(-1) for p in ctx.parameters()]).clone()
-        self.seen.append((hook, ctx.step, ctx.rank, ctx.size, flat, grad))
-
-    def on_before_mixing(self, ctx):
-        self._snap("before_mixing", ctx)
-
-    def on_after_mixing(self, ctx):
-        self._snap("after_mixing", ctx)
-
-    def on_after_update(self, ctx):
-        self._snap("after_update", ctx)
-
-
 def test_callbacks_see_each_learners_own_then_mixed_then_updated_weights():
     n, lr, recorder = 4, 0.1, Recorder()
     learners = sim.Learners(make_model(), n, init=[make_model(seed=j) for j in range(n)])
@@ -295,13 +266,14 @@ def test_callbacks_see_each_learners_own_then_mixed_then_updated_weights():
         for hook, step, rank, size, flat, grad in recorder.seen:
             assert (step, size) == (t, n)
             by_hook.setdefault(hook, []).append((rank, flat, grad))
-        assert list(by_hook) == ["before_mixing", "after_mixing", "after_update"]
+        assert list(by_hook) == ["before_mixing", "after_mixing", "after_update", "step_end"]
         for j in range(n):
-            (_, own, g), (_, mixed, _), (_, updated, _) = (by_hook[h][j] for h in by_hook)
+            (_, own, g), (_, mixed, _), (_, updated, _), (_, ended, _) = (by_hook[h][j] for h in by_hook)
             assert by_hook["before_mixing"][j][0] == j
             torch.testing.assert_close(own, before[j])
             torch.testing.assert_close(mixed, w[j] @ before, rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(updated, mixed - lr * g)
+            torch.testing.assert_close(ended, updated)  # no callback changes the weights after the update
 
 
 @pytest.mark.parametrize("algorithm", ["dpsgd", "ssgd"])

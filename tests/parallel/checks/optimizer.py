@@ -20,6 +20,7 @@ import horovod.torch as hvd
 
 import horovod_dpsgd as hd
 from common import all_weights, batch, check, dpsgd_vs_reference, loss_fn, make_model
+from workload import Recorder
 
 hvd.init()
 RANK, SIZE = hvd.rank(), hvd.size()
@@ -257,30 +258,6 @@ def _():
         out.append(all_weights(model))
     return {"replica_spread": float((out[1] - out[1][0]).abs().max()),
             "noise_effect": float((out[1] - out[0]).abs().max())}
-
-
-class Recorder(hd.Callback):
-    """Snapshots of the flat parameters and gradients at each hook."""
-
-    def __init__(self):
-        self.seen = []
-
-    def _snap(self, hook, ctx):
-        flat = torch.cat([p.detach().reshape(-1) for p in ctx.parameters()]).clone()
-        grad = torch.cat([p.grad.reshape(-1) for p in ctx.parameters()]).clone()
-        self.seen.append((hook, ctx.step, ctx.rank, ctx.size, flat, grad))
-
-    def on_before_mixing(self, ctx):
-        self._snap("before_mixing", ctx)
-
-    def on_after_mixing(self, ctx):
-        self._snap("after_mixing", ctx)
-
-    def on_after_update(self, ctx):
-        self._snap("after_update", ctx)
-
-    def on_step_end(self, ctx):
-        self._snap("step_end", ctx)
 
 
 @check("callback_contract")
