@@ -14,6 +14,7 @@ import horovod.torch as hvd
 import horovod_dpsgd as hd
 from horovod_dpsgd import sim
 from common import all_weights, batch, check, make_model
+from workload import Recorder
 
 hvd.init()
 RANK, SIZE = hvd.rank(), hvd.size()
@@ -24,30 +25,15 @@ def optimizer(params, momentum):
     return torch.optim.SGD(params, lr=0.1, momentum=momentum, weight_decay=1e-4 if momentum else 0.0)
 
 
-class Recorder(hd.Callback):
+class SumRecorder(Recorder):
     """What a callback sees at each hook: step, rank, size, algorithm, lr, and the parameters' and gradients'
-    sums (float64) on this learner."""
-
-    def __init__(self):
-        self.seen = []
+    sums (float64) on this learner (JSON-serialisable, to compare across processes)."""
 
     def _snap(self, hook, ctx):
         params = list(ctx.parameters())
         self.seen.append([hook, ctx.step, ctx.rank, ctx.size, ctx.algorithm, ctx.lr,
                           [float(p.detach().double().sum()) for p in params],
                           [float(p.grad.double().sum()) for p in params]])
-
-    def on_before_mixing(self, ctx):
-        self._snap("before_mixing", ctx)
-
-    def on_after_mixing(self, ctx):
-        self._snap("after_mixing", ctx)
-
-    def on_after_update(self, ctx):
-        self._snap("after_update", ctx)
-
-    def on_step_end(self, ctx):
-        self._snap("step_end", ctx)
 
 
 #: The noise diagnostics' probe: a fixed sample, the same on every learner.
@@ -57,7 +43,7 @@ DIAG_EVERY = 2
 
 def mpi_run(case, algorithm, topology, momentum, noise, diagnostics):
     model = make_model()
-    recorder = Recorder()
+    recorder = SumRecorder()
     callbacks = [recorder] + ([hd.GaussianNoise(noise, seed=5)] if noise else [])
     diag = hd.NoiseDiagnostics(model, F.cross_entropy, PROBE, every=DIAG_EVERY) if diagnostics else None
     opt = hd.DistributedOptimizer(optimizer(model.parameters(), momentum),
@@ -81,7 +67,7 @@ def mpi_run(case, algorithm, topology, momentum, noise, diagnostics):
 
 def sim_run(algorithm, topology, momentum, noise, diagnostics):
     learners = sim.Learners(make_model(), SIZE)
-    recorder = Recorder()
+    recorder = SumRecorder()
     callbacks = [recorder] + ([hd.GaussianNoise(noise, seed=5)] if noise else [])
     diag = sim.NoiseDiagnostics(learners, F.cross_entropy, PROBE, every=DIAG_EVERY) if diagnostics else None
     opt = sim.DistributedOptimizer(optimizer(learners.parameters(), momentum), learners, algorithm=algorithm,
