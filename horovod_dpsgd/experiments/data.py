@@ -69,7 +69,7 @@ def mnist_sample(flatten: bool = True, train_per_class: int = 400, seed: int = 0
     x = mnist_pixels(torch.tensor(images, dtype=torch.float32) / 255.0, pixel_max)  # copies: the cache stays
     if not flatten:
         x = x.view(-1, 1, 28, 28)
-    y = torch.as_tensor(labels, dtype=torch.long)
+    y = torch.tensor(labels, dtype=torch.long)  # a copy too: as_tensor of the read-only cache warns
     return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx])
 
 
