@@ -179,7 +179,7 @@ def plot_ratios(rows, variants, path):
     ax.set_xticks(range(len(cells)), [f"{r['model']}\n{r['layout']}, {r['rate']}" for r in cells])
     ax.set_ylabel("step time / Horovod's (median, quartiles)")
     ax.set_title("Across emulated hosts sharing 2 cores; red dash: the target for the default", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
