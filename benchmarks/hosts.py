@@ -10,8 +10,9 @@ timed side by side in rotated order (paired ratios), the bytes per step through 
 the hosts' interface counters, and the default's and the random peer's exchanges alone against raw mpi4py
 moving the same bytes between the same hosts. Each job writes ``benchmarks/results/hosts-<name>/<layout>-<rate>-
 <model>.json``; the table of all of them goes to ``benchmarks/results/hosts-<name>.json`` and stdout, with the
-targets met or missed. ``--reuse`` skips jobs whose file exists. ``--lock FILE`` holds an exclusive lock on
-FILE while each job runs (and only then), so that other users of the machine's cores can take turns.
+targets met or missed. ``--reuse`` skips jobs whose file exists. ``--lock FILE[,FILE...]`` holds exclusive locks
+on the files, taken in order, while each job runs (and only then), so that other users of the machine's cores can
+take turns between jobs (e.g. ``--lock /tmp/turn.lock,/tmp/mpi.lock``: a turnstile, then the shared lock).
 
 All emulated hosts share this machine's cores: absolute times are inflated; compare the ratios, which are
 measured within one job.
@@ -43,16 +44,15 @@ PARAMS = {"mlp1m": 1.07e6, "resnet18": 11.2e6, "resnet50": 25.6e6}
 
 
 @contextlib.contextmanager
-def locked(path):
-    if not path:
+def locked(paths):
+    """Exclusive locks on the comma-separated files ``paths``, taken in order (e.g. a turnstile, then the lock
+    that the machine's other users share) and held while the block runs."""
+    with contextlib.ExitStack() as stack:
+        for path in filter(None, (paths or "").split(",")):
+            f = stack.enter_context(open(path, "a"))
+            fcntl.flock(f, fcntl.LOCK_EX)
+            stack.callback(fcntl.flock, f, fcntl.LOCK_UN)
         yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def same_as_default(layout):
@@ -179,7 +179,7 @@ def plot_ratios(rows, variants, path):
     ax.set_xticks(range(len(cells)), [f"{r['model']}\n{r['layout']}, {r['rate']}" for r in cells])
     ax.set_ylabel("step time / Horovod's (median, quartiles)")
     ax.set_title("Across emulated hosts sharing 2 cores; red dash: the target for the default", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -187,15 +187,16 @@ def plot_ratios(rows, variants, path):
 
 def plot(rows, variants, path):
     """Step time against link bandwidth, one line per variant (Horovod's included), one panel per model and
-    layout. With a single link rate: :func:`plot_ratios`."""
-    if len({r["rate"] for r in rows}) == 1:
+    layout measured at several link rates. Without any such panel: :func:`plot_ratios`."""
+    rates = sorted({r["rate"] for r in rows}, key=lambda rate: RATE_ORDER.get(rate, 9))
+    panels = sorted(p for p in {(r["model"], r["layout"]) for r in rows}
+                    if len({r["rate"] for r in rows if (r["model"], r["layout"]) == p}) > 1)
+    if not panels:
         return plot_ratios(rows, variants, path)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = sorted({(r["model"], r["layout"]) for r in rows})
-    rates = sorted({r["rate"] for r in rows}, key=lambda rate: RATE_ORDER.get(rate, 9))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.4), squeeze=False)
     for ax, (model, layout) in zip(axes[0], panels):
         cells = {r["rate"]: r for r in rows if (r["model"], r["layout"]) == (model, layout)}
         xs = [i for i, rate in enumerate(rates) if rate in cells]
@@ -203,14 +204,16 @@ def plot(rows, variants, path):
             ys = [cells[rates[i]]["ms"].get(v) for i in xs]
             if any(y is not None for y in ys):
                 ax.plot([x for x, y in zip(xs, ys) if y is not None], [y for y in ys if y is not None], marker="o",
-                        label=v.replace("dpsgd_", ""), linewidth=2.5 if v in ("horovod_ssgd", "dpsgd_default") else 1)
+                        label=v.replace("dpsgd_", ""), linewidth=2.5 if v in ("horovod_ssgd", "dpsgd_default") else 1,
+                        color="black" if v == "horovod_ssgd" else None)
         ax.set_xticks(range(len(rates)), [{"none": "unshaped"}.get(r, r) for r in rates])
         ax.set_xlabel("link rate (each host, each direction)")
-        ax.set_ylabel("step time (ms, median)")
+        ax.set_ylabel("step time (ms, median of repetitions)")
+        ax.set_ylim(bottom=0)
         ax.set_title(f"{model}, {layout} (hosts x processes)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle("Step time against link bandwidth, emulated hosts sharing 2 cores (compare within a panel)")
+    fig.suptitle("Step time against link bandwidth, emulated hosts sharing 2 cores", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -232,9 +235,11 @@ def main():
                              "are split into jobs that fit")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per job")
     parser.add_argument("--mpi-args", default="", help="added to horovodrun's --mpi-args")
-    parser.add_argument("--lock", default=None, help="hold an exclusive lock on this file while each job runs")
+    parser.add_argument("--lock", default=None, help="hold exclusive locks on these comma-separated files, taken in order, while each job runs")
     parser.add_argument("--reuse", action="store_true", help="skip jobs whose result file exists")
     parser.add_argument("--plot", default=None, help="write the step time / bandwidth plot here (PNG)")
+    parser.add_argument("--plot-ratios", default=None, metavar="RATE:PATH",
+                        help="write the ratios to Horovod's step at link rate RATE (e.g. 1gbit:ratios.png) here")
     args = parser.parse_args()
     directory = HERE / "results" / f"hosts-{args.name}"
     directory.mkdir(parents=True, exist_ok=True)
@@ -268,8 +273,13 @@ def main():
     for r in rows:
         cells = []
         for name in ("default", "random_peer"):
-            cells += ([f"{r[f'{name} exchange_ms']:.0f}", f"{r[f'{name} raw_ms']:.0f}",
-                       fmt(r[f"{name} exchange efficiency"])] if f"{name} exchange_ms" in r else ["-"] * 3)
+            if f"{name} exchange_ms" not in r:
+                cells += ["-"] * 3
+            elif r[f"{name} raw_ms"] < 1:  # the timed step sends nothing across hosts (hierarchical:every=2)
+                cells += [f"{r[f'{name} exchange_ms']:.0f}", "0", "- (nothing crossed at the timed step)"]
+            else:
+                cells += [f"{r[f'{name} exchange_ms']:.0f}", f"{r[f'{name} raw_ms']:.0f}",
+                          fmt(r[f"{name} exchange efficiency"])]
         print(f"| {r['layout']} | {r['rate']} | {r['model']} | " + " | ".join(cells) + " |")
     print("\nTargets:")
     for line in check(rows):
@@ -277,6 +287,10 @@ def main():
     if args.plot:
         plot(rows, [v for v in variants if v != "horovod_ssgd"], args.plot)
         print(f"\nplot: {args.plot}")
+    if args.plot_ratios:
+        rate, path = args.plot_ratios.split(":", 1)
+        plot_ratios([r for r in rows if r["rate"] == rate], [v for v in variants if v != "horovod_ssgd"], path)
+        print(f"plot: {path}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,14 @@ transfers (the exchange without mixing, random peer and ring) and allreduce time
 measured n. On one machine the learners share its cores, which copy the bytes: that check
 gives each learner ``beta * min(1, cores / n)``. Use ``--alpha``/``--beta`` with your cluster's
 figures (a link per learner) to predict where DPSGD wins there.
+
+Across emulated hosts (``--hosts benchmarks/results/hosts-NAME.json ...``, written by benchmarks/hosts.py) the
+model is host-aware: a step costs the compute measured without communication in the same job
+(``local_no_comm``) plus, for a variant that communicates, ``alpha + B / beta``, where ``B`` is the bytes per
+step through the busiest host's link (the larger direction, from the interface counters) and ``alpha``, ``beta``
+are fitted per link rate to all measured step times at that rate (relative least squares; where more bytes were
+not slower, ``beta`` is infinite and ``alpha`` alone is fitted). It prints each point predicted against measured
+and whether the prediction is within 20 %: an in-sample check of two parameters per link rate.
 """
 
 import argparse
@@ -73,6 +81,45 @@ def fit(points):
     return max(alpha, 0.0), 1.0 / inv_beta
 
 
+def fit_hosts(rows):
+    """Per link rate, ``(alpha, beta)`` of ``step = compute + alpha + B / beta`` fitted to the rows' variants
+    (seconds, bytes/s; relative least squares), and per point ``(row, variant, predicted s, measured s)``."""
+    points = {}
+    for r in rows:
+        compute = r["ms"].get("local_no_comm")
+        for v, ms in r["ms"].items():
+            if compute is None or v == "local_no_comm" or v not in r["link_MB"]:
+                continue
+            points.setdefault(r["rate"], []).append((r, v, compute / 1e3, max(r["link_MB"][v]) * 1e6, ms / 1e3))
+    fits, out = {}, []
+    for rate, pts in points.items():
+        # (t - c) = alpha + B / beta, each equation divided by t (relative error)
+        x = np.array([[1.0 / t, b / t] for _, _, c, b, t in pts])
+        y = np.array([(t - c) / t for _, _, c, b, t in pts])
+        (alpha, inv_beta), *_ = np.linalg.lstsq(x, y, rcond=None)
+        if inv_beta <= 0:  # more bytes were not slower: the link is no limit at this rate, fit alpha alone
+            inv_beta, (alpha,) = 0.0, np.linalg.lstsq(x[:, :1], y, rcond=None)[0]
+        fits[rate] = (alpha, 1.0 / inv_beta if inv_beta > 0 else float("inf"))
+        out += [(r, v, c + alpha + b * inv_beta, t) for r, v, c, b, t in pts]
+    return fits, out
+
+
+def print_hosts(paths):
+    rows = [r for path in paths for r in json.loads(Path(path).read_text())["rows"]]
+    fits, points = fit_hosts(rows)
+    for rate, (alpha, beta) in fits.items():
+        print(f"{rate}: alpha = {alpha * 1e3:.0f} ms, beta = {beta / 1e6:.0f} MB/s (fitted to "
+              f"{sum(p[0]['rate'] == rate for p in points)} step times)")
+    print("\n| layout | link | model | variant | link MB / step | predicted (ms) | measured (ms) | error | within 20 % |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    for r, v, predicted, measured in points:
+        error = predicted / measured - 1
+        print(f"| {r['layout']} | {r['rate']} | {r['model']} | {v.replace('dpsgd_', '')} | {max(r['link_MB'][v]):.1f} | "
+              f"{1e3 * predicted:.0f} | {1e3 * measured:.0f} | {100 * error:+.0f} % | {'yes' if abs(error) <= 0.2 else 'NO'} |")
+    inside = sum(abs(p / m - 1) <= 0.2 for _, _, p, m in points)
+    print(f"\n{inside} of {len(points)} points within 20 %")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--measured", nargs="*", default=[],
@@ -81,7 +128,11 @@ def main():
     parser.add_argument("--beta", type=float, default=None, help="bandwidth per learner, bytes/s")
     parser.add_argument("--bytes", type=float, default=4 * 25.6e6, help="model size in bytes (default ResNet-50)")
     parser.add_argument("--sizes", default="2,4,8,16,32,64,128,256")
+    parser.add_argument("--hosts", nargs="*", default=[],
+                        help="benchmarks/results/hosts-*.json files: fit the host-aware model to them and stop")
     args = parser.parse_args()
+    if args.hosts:
+        return print_hosts(args.hosts)
     rows, curve = [], []
     for path in args.measured:
         measured = json.loads(Path(path).read_text())

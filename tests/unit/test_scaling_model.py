@@ -37,3 +37,18 @@ def test_the_fit_recovers_latency_and_bandwidth_and_shared_cores_divide_the_band
     alone = scaling.predict("random_peer", 4, S, alpha, beta)
     shared = scaling.predict("random_peer", 4, S, alpha, beta, cores=2)
     assert shared - alpha == pytest.approx(2 * (alone - alpha))
+
+
+def test_the_host_aware_fit_recovers_alpha_and_beta_per_link_rate_from_step_times():
+    alpha, beta = {"1gbit": 0.2, "none": 0.01}, {"1gbit": 1.2e8, "none": 1e9}
+    rows = []
+    for rate in alpha:
+        for compute in (0.4, 0.7):
+            link = {"horovod_ssgd": 45.0, "dpsgd_default": 22.4, "dpsgd_random_peer": 75.0}
+            ms = {v: 1e3 * (compute + alpha[rate] + mb * 1e6 / beta[rate]) for v, mb in link.items()}
+            rows.append({"layout": "2x2", "rate": rate, "model": "resnet18", "ms": {**ms, "local_no_comm": 1e3 * compute},
+                         "link_MB": {v: [mb, mb / 2] for v, mb in link.items()}})
+    fits, points = scaling.fit_hosts(rows)
+    for rate in alpha:
+        assert fits[rate] == pytest.approx((alpha[rate], beta[rate]), rel=1e-9)
+    assert len(points) == 12 and all(p == pytest.approx(m, rel=1e-9) for _, _, p, m in points)
