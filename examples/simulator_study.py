@@ -17,7 +17,7 @@ every configuration runs once per seed and the study reports means over the seed
 Markdown table and the figure ``OUT/simulator_study.png``. Finished runs (an ``end`` record in their metrics file)
 are not run again, so an interrupted study resumes::
 
-    python examples/simulator_study.py --out runs/study            # 48 runs of 600 steps (docs/simulator.md)
+    python examples/simulator_study.py --out runs/study            # 42 runs of 600 steps (docs/simulator.md)
     python examples/simulator_study.py --out runs/quick --quick    # a smoke run of the same code
 """
 
@@ -188,6 +188,7 @@ def main() -> None:
     args.ns = args.ns or ([4, 8] if args.quick else [5, 8, 16, 32, 64])
     args.lrs = args.lrs or ([0.1, 0.3] if args.quick else [0.1, 0.3, 1.0])
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     lr_n = args.lr_n = args.lr_n or (8 if args.quick else 16)
     study = {"settings": {k: v for k, v in vars(args).items()},
