@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import horovod_dpsgd as hd
-from horovod_dpsgd import sim, topology as topologies
+from horovod_dpsgd import sim
 from reference import dpsgd_reference
 from workload import Recorder, batch, make_model
 
