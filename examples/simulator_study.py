@@ -10,12 +10,14 @@ averaging, with SSGD as the reference:
 * learning rate: ``--lrs`` (default 0.1, 0.3, 1.0) at n = 16.
 
 For every run: the final test error of the averaged model ``w_a``, the median ``alpha_e / alpha`` over the first
-quarter of the diagnostic steps (Eq. 3; SSGD's is about 1, DPSGD's lower when its landscape-dependent noise is
-large), and the mean consensus distance ``n^-1 sum_j |w_j - w_a|^2`` over the run. Writes ``OUT/study.json``, a
+quarter of the diagnostic steps (Eq. 3, with ``g`` measured on ``train``'s probe of 2 batches of B samples, so that
+its noise, and hence ``alpha_e / alpha``, also changes with n: compare runs at the same n), and the mean consensus
+distance ``n^-1 sum_j |w_j - w_a|^2`` over the run (measured before each diagnostic step's mix). With ``--seeds``
+every configuration runs once per seed and the study reports means over the seeds. Writes ``OUT/study.json``, a
 Markdown table and the figure ``OUT/simulator_study.png``. Finished runs (an ``end`` record in their metrics file)
 are not run again, so an interrupted study resumes::
 
-    python examples/simulator_study.py --out runs/study            # 48 runs of 600 steps (docs/simulator.md)
+    python examples/simulator_study.py --out runs/study            # 42 runs of 600 steps (docs/simulator.md)
     python examples/simulator_study.py --out runs/quick --quick    # a smoke run of the same code
 """
 
@@ -66,14 +68,31 @@ def summary(metrics: Path) -> dict:
     return s
 
 
+def over_seeds(runs: list) -> dict:
+    """One point of a sweep from its runs' summaries (one per seed): the mean of each quantity over the seeds whose
+    run did not diverge, the standard deviation of the test error, and every seed's own summary."""
+    kept = [r for r in runs if not r["diverged"]]
+    point = {"seeds": [r["seed"] for r in runs], "diverged_seeds": len(runs) - len(kept), "diverged": not kept,
+             "per_seed": runs}
+    for key in ("test_error", "early_alpha_e_over_alpha", "consensus_distance"):
+        values = [r[key] for r in kept if r.get(key) is not None and math.isfinite(r[key])]
+        point[key] = statistics.mean(values) if values else None
+        point[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+    return point
+
+
 def sweep(out: Path, args, points, what: str) -> dict:
-    """``{label: [summary per point]}`` for the runs at ``points`` (``(n, lr)`` pairs)."""
+    """``{label: [one point per (n, lr) of points, over the seeds]}`` (see :func:`over_seeds`)."""
     runs = [(topology, "dpsgd") for topology in args.topologies] + [("-", "ssgd")]
     results = {label(t, a): [] for t, a in runs}
     for n, lr in points:
         for topology, algorithm in runs:
-            metrics = run_one(out, n, lr, topology, algorithm, args.steps, args.diag_every, args.seed)
-            results[label(topology, algorithm)].append({"n": n, "lr": lr, **summary(metrics)})
+            per_seed = []
+            for seed in args.seeds:
+                metrics = run_one(Path(args.runs_from or out), n, lr, topology, algorithm, args.steps, args.diag_every,
+                                  seed)
+                per_seed.append({**summary(metrics), "seed": seed})
+            results[label(topology, algorithm)].append({"n": n, "lr": lr, **over_seeds(per_seed)})
     print(f"{what}: done", flush=True)
     return results
 
@@ -88,10 +107,12 @@ def table(results: dict, key: str) -> str:
             if r["diverged"]:
                 cells.append("diverged")
                 continue
-            alpha = r["early_alpha_e_over_alpha"]
-            cells.append(f"{100 * r['test_error']:.1f}% / {alpha:.2f} / {r['consensus_distance']:.2g}"
-                         if alpha is not None and r["consensus_distance"] is not None else
-                         f"{100 * r['test_error']:.1f}%")
+            error = f"{100 * r['test_error']:.1f}" + (f" ± {100 * r['test_error_std']:.1f}"
+                                                       if r["test_error_std"] is not None else "") + "%"
+            alpha, distance = r["early_alpha_e_over_alpha"], r["consensus_distance"]
+            cells.append(error + (f" / {alpha:.2f}" if alpha is not None else " / -")
+                         + (f" / {distance:.2g}" if distance is not None else "")
+                         + (f" ({r['diverged_seeds']} of {len(r['seeds'])} diverged)" if r["diverged_seeds"] else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -100,6 +121,7 @@ def plot(study: dict, path: Path, lr_n: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
     panels = (("test_error", "test error of w_a", True), ("early_alpha_e_over_alpha", "alpha_e / alpha, early", False),
               ("consensus_distance", "consensus distance", True))
     fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
@@ -107,23 +129,38 @@ def plot(study: dict, path: Path, lr_n: int) -> None:
                                                      ("by_lr", "lr", f"learning rate (n = {lr_n})"))):
         for col, (metric, title, log) in enumerate(panels):
             ax = axes[row, col]
+            diverged = []
             for name, rows in study[sweep_name].items():
-                if metric == "consensus_distance" and name in ("ssgd", "full"):
-                    continue  # zero before every step: nothing to show on a log axis
-                xs = [r[key] for r in rows if not r["diverged"] and r.get(metric) is not None]
-                ys = [r[metric] for r in rows if not r["diverged"] and r.get(metric) is not None]
-                ax.plot(xs, ys, "o-", color=COLORS[name], label=name)
-                for r in rows:
-                    if r["diverged"]:
-                        ax.plot([r[key]], [ax.get_ylim()[1] if ys else 1], "x", color=COLORS[name], ms=9)
+                if metric == "consensus_distance" and name == "ssgd":
+                    continue  # identical replicas: zero, nothing to show on a log axis
+                shown = [r for r in rows if not r["diverged"] and r.get(metric) is not None]
+                xs, ys = [r[key] for r in shown], [r[metric] for r in shown]
+                spread = [r.get(f"{metric}_std") or 0.0 for r in shown]
+                ax.errorbar(xs, ys, yerr=spread if any(spread) else None, fmt="o-", color=COLORS[name], label=name,
+                            capsize=3)
+                diverged += [(r[key], name) for r in rows if r["diverged"]]
             ax.set_xscale("log")
             if log:
                 ax.set_yscale("log")
+            top = ax.get_ylim()[1]
+            for x, name in diverged:  # at the top edge, once every line is drawn: not a value
+                ax.plot([x], [top], "x", color=COLORS[name], ms=10, mew=2, clip_on=False)
+            points = sorted({r[key] for rows in study[sweep_name].values() for r in rows})
+            ax.set_xticks(points)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            if metric == "test_error":
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:g}%"))
+                ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{100 * v:g}%"))
             ax.set_xlabel(xlabel)
             ax.set_title(title)
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle("DPSGD, simulated (horovod-dpsgd train --engine sim): MLP on MNIST, nB = 2000; x = diverged")
+    seeds = study["settings"]["seeds"]
+    fig.suptitle("DPSGD, simulated (horovod-dpsgd train --engine sim): MLP on MNIST, nB = 2000, "
+                 f"{study['settings']['steps']} steps; " + (f"mean +/- std over {len(seeds)} seeds; " if len(seeds) > 1
+                                                          else f"seed {seeds[0]}; ")
+                 + "x at the top edge = diverged")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -136,25 +173,33 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--ns", type=int, nargs="*", help="learners of the n sweep (default 5 8 16 32 64)")
     parser.add_argument("--lrs", type=float, nargs="*", help="learning rates of the lr sweep (default 0.1 0.3 1.0)")
-    parser.add_argument("--lr-n", type=int, default=16, help="learners of the learning-rate sweep")
+    parser.add_argument("--lr-n", type=int, help="learners of the learning-rate sweep (default 16)")
     parser.add_argument("--topologies", nargs="*", default=list(TOPOLOGIES))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="seeds of every configuration; the study reports their mean (and the test error's std)")
+    parser.add_argument("--runs-from", metavar="STUDY",
+                        help="train (or find) the runs in STUDY/runs instead of OUT/runs: tabulates part of another "
+                             "study, e.g. its points with more seeds, into OUT without running them again")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run of the same code: 8 steps, n = 4 and 8, learning rates 0.1 and 0.3")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.diag_every, args.lr_n = 8, 2, 8
+        args.steps, args.diag_every = 8, 2
     args.ns = args.ns or ([4, 8] if args.quick else [5, 8, 16, 32, 64])
     args.lrs = args.lrs or ([0.1, 0.3] if args.quick else [0.1, 0.3, 1.0])
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    lr_n = args.lr_n
+    lr_n = args.lr_n = args.lr_n or (8 if args.quick else 16)
     study = {"settings": {k: v for k, v in vars(args).items()},
              "by_n": sweep(out, args, [(n, args.lr) for n in args.ns], "sweep over n"),
              "by_lr": sweep(out, args, [(lr_n, lr) for lr in args.lrs], "sweep over the learning rate")}
     study["seconds"] = time.time() - started
     (out / "study.json").write_text(json.dumps(study, indent=1))
-    text = (f"Cells: test error of w_a / median alpha_e/alpha over the first quarter / mean consensus distance\n\n"
+    over = f"mean over seeds {', '.join(map(str, args.seeds))} (± the test error's std)" if len(args.seeds) > 1 else \
+        f"seed {args.seeds[0]}"
+    text = (f"Cells: test error of w_a / median alpha_e/alpha over the first quarter / mean consensus distance; "
+            f"{args.steps} steps, {over}\n\n"
             f"By n (lr = {args.lr:g}):\n\n{table(study['by_n'], 'n')}\n\n"
             f"By learning rate (n = {lr_n}):\n\n{table(study['by_lr'], 'lr')}\n")
     (out / "study.md").write_text(text)

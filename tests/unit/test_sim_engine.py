@@ -1,7 +1,7 @@
-"""The simulator (horovod_dpsgd.sim) in one process: stacked learners, mixing products, the shared algorithms.
+"""The simulator (horovod_dpsgd.sim) in one process: stacked learners, the shared algorithms, callbacks, diagnostics.
 
-Agreement with real MPI runs is tests/parallel/test_sim.py; here the reference is tests/support/reference.py
-(Eq. 2 with one model and one optimizer per learner) and closed forms.
+Agreement with real MPI runs is tests/parallel/test_sim.py, the mixing products tests/unit/test_sim_mixing.py; here
+the reference is tests/support/reference.py (Eq. 2 with one model and one optimizer per learner) and closed forms.
 """
 
 import copy
@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import horovod_dpsgd as hd
-from horovod_dpsgd import sim, topology as topologies
-from horovod_dpsgd.sim.averaging import MixingMatrix, StackedAverager
+from horovod_dpsgd import sim
 from reference import dpsgd_reference
 from workload import Recorder, batch, make_model
 
@@ -133,44 +132,6 @@ def test_inputs_without_the_learner_dimension_get_a_clear_error():
         sim.Learners(make_model(), 0)
     with pytest.raises(ValueError, match="same structure"):
         sim.Learners(make_model(), 2, init=[make_model(), make_model(hidden=5)])
-
-
-# -- mixing: one product with W(t) --------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("topology,n,kind", [("ring", 5, "dense"), ("ring", 20, "neighbours"), ("ring:2", 7, "dense"),
-                                             ("exponential", 64, "sparse"), ("full", 6, "mean"),
-                                             ("random_graph", 9, "dense"), ("random_peer", 33, "neighbours"),
-                                             ("random_graph:0.5", 20, "dense")])
-def test_mixing_is_the_product_with_the_mixing_matrix(topology, n, kind):
-    topo = topologies.from_name(topology, n, seed=1)
-    w = MixingMatrix.of(topo.mixing_matrix(0))
-    assert w.kind == kind
-    x = torch.randn(n, 37, dtype=torch.float64)
-    want = torch.from_numpy(topo.mixing_matrix(0)) @ x
-    w.apply_(x)
-    torch.testing.assert_close(x, want)
-
-
-def test_random_peer_mixes_with_the_matching_drawn_for_each_step():
-    topo = topologies.RandomPeer(6, seed=4)
-    p = torch.nn.Parameter(torch.randn(6, 3, 2, dtype=torch.float64))
-    averager = StackedAverager([p], topo)
-    for step in range(3):
-        before = p.detach().clone()
-        averager.start(step)
-        averager.finish()
-        partner = topo.partners(step)
-        torch.testing.assert_close(p.detach(), (before + before[partner]) / 2)
-
-
-def test_parameters_whose_learner_rows_are_scattered_in_memory_are_mixed_too():
-    n = 4
-    p = torch.nn.Parameter(torch.randn(3, n).t())  # shape (n, 3), learner j's elements n apart in memory
-    want = torch.from_numpy(topologies.ring(n).mixing_matrix()).float() @ p.detach()
-    averager = StackedAverager([p], topologies.ring(n))
-    averager.start(0)
-    averager.finish()
-    torch.testing.assert_close(p.detach(), want)
 
 
 # -- the shared algorithms over stacked learners ------------------------------------------------------------------
