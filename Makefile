@@ -21,7 +21,7 @@ demo: setup
 # The full Sec. 2 study behind docs/reproduction.md and its figures in docs/img/, as that page lists it: Sec. 2.1
 # with the SSGD* sweep and Sec. 2.2, 3 seeds each (27 runs of 3000 steps, 1.5-4.5 minutes each on 2 cores), the
 # landscape and Hessian of every Sec. 2.2 SSGD and DPSGD solution, then the sensitivity runs (input scaling,
-# topology and n in Sec. 2.2, n in Sec. 2.1; seed 0).
+# topology and n in Sec. 2.2, n in Sec. 2.1).
 HD := $(VENV)/bin/horovod-dpsgd
 SWEEP := --run 'ssgd*0.001:algorithm=ssgd,noise_sigma=0.001' --run 'ssgd*0.003:algorithm=ssgd,noise_sigma=0.003' \
 	--run 'ssgd*0.01:algorithm=ssgd,noise_sigma=0.01' --run 'ssgd*0.03:algorithm=ssgd,noise_sigma=0.03'
@@ -46,9 +46,9 @@ reproduce: setup
 	$(HD) compare --recipe sec2.1 --seeds 0 --out runs/sens \
 		--run ssgd-std:algorithm=ssgd,pixel_max=none --run dpsgd-std:algorithm=dpsgd,topology=full,pixel_max=none \
 		--run ssgd-x1:algorithm=ssgd,pixel_max=1 --run dpsgd-x1:algorithm=dpsgd,topology=full,pixel_max=1
-	$(HD) compare --recipe sec2.1 --seeds 0 --np 10 --batch-size 200 --probe-batches 20 --max-steps 1000 --out runs/nsens \
+	$(HD) compare --recipe sec2.1 --np 10 --batch-size 200 --probe-batches 20 --max-steps 1000 --out runs/nsens \
 		--run ssgd-n10:algorithm=ssgd --run dpsgd-n10:algorithm=dpsgd,topology=full
-	$(HD) compare --recipe sec2.1 --seeds 0 --np 2 --batch-size 1000 --probe-batches 4 --max-steps 1000 --out runs/nsens \
+	$(HD) compare --recipe sec2.1 --np 2 --batch-size 1000 --probe-batches 4 --max-steps 1000 --out runs/nsens \
 		--run ssgd-n2:algorithm=ssgd --run dpsgd-n2:algorithm=dpsgd,topology=full
 	$(HD) figure2 runs/nsens runs/sec2.2 --windows 0,100,300,1000 --at-steps 250,500,750,1000 --out runs/nsens/figure2.png
 
