@@ -235,7 +235,8 @@ def _simulated_run(cfg: TrainConfig, name: str, seed: int, run_dir: Path) -> Non
 @click.option("--at-steps", type=CommaSeparated(click.IntRange(min=1)), default="500,1000,2000,3000", show_default=True,
               help="Also print each run's test error at these steps.")
 @click.option("--windows", type=CommaSeparated(click.IntRange(min=0)), default="0,100,300,1000,3000", show_default=True,
-              help="Also print the median alpha_e/alpha (Sec. 2.1) and Delta (Sec. 2.2) between these steps.")
+              help="Also print the median alpha_e/alpha (Sec. 2.1) or Delta (Sec. 2.2), and the median training loss, "
+                   "between these steps.")
 @click.option("--draw", type=CommaSeparated(click.STRING), default=None,
               help="Comma-separated run names to draw (default: every run; the tables always list every run).")
 @click.option("--diagnostics-out", type=click.Path(dir_okay=False), default=None,
@@ -254,7 +255,8 @@ def figure2(sec21_dir, sec22_dir, seed, out, target_accuracy, at_steps, windows,
         click.echo(f"\n{title} ({directory}):\n{cmp.table(results, target_accuracy)}\n\n"
                    f"Test error % of the averaged model w_a, per seed:\n{cmp.seed_table(results)}\n\n"
                    f"Test error % by training length:\n{cmp.steps_table(directory, at_steps)}\n\n"
-                   f"Median {key} by steps:\n{cmp.windows_table(directory, key, windows)}")
+                   f"Median {key} by steps:\n{cmp.windows_table(directory, key, windows)}\n\n"
+                   f"Median training loss by steps:\n{cmp.windows_table(directory, 'loss', windows, kind='step')}")
     click.echo(f"\nwrote {cmp.plot_figure2(sec21_dir, sec22_dir, out, names[0], names[1], seed)}")
     if diagnostics_out:
         click.echo(f"wrote {cmp.plot_diagnostics(sec21_dir, names[0], seed, target=diagnostics_out)}")

@@ -125,15 +125,16 @@ def steps_table(out_dir, steps: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
-def windows_table(out_dir, key: str, edges: Sequence[int]) -> str:
-    """A Markdown table of the median of diagnostic ``key`` (e.g. ``alpha_e_over_alpha``, ``delta``) over the step
-    windows ``(edges[i], edges[i + 1]]``, one row per run and seed under ``out_dir``."""
+def windows_table(out_dir, key: str, edges: Sequence[int], kind: str = "diag") -> str:
+    """A Markdown table of the median of ``key`` in the ``kind`` records (a diagnostic such as
+    ``alpha_e_over_alpha`` or ``delta``; or, with ``kind="step"``, the training ``loss``) over the step windows
+    ``(edges[i], edges[i + 1]]``, one row per run and seed under ``out_dir``."""
     windows = list(zip(edges[:-1], edges[1:]))
     lines = ["| run | seed | " + " | ".join(f"steps {lo}-{hi}" for lo, hi in windows) + " |",
              "|---" * (len(windows) + 2) + "|"]
     for path in sorted(Path(out_dir).glob("*-seed*/metrics.jsonl")):
         name, _, seed = path.parent.name.rpartition("-seed")
-        diags = [r for r in read_metrics(path) if r["kind"] == "diag" and math.isfinite(r.get(key, math.nan))]
+        diags = [r for r in read_metrics(path) if r["kind"] == kind and math.isfinite(r.get(key, math.nan))]
         cells = []
         for lo, hi in windows:
             values = [r[key] for r in diags if lo < r["step"] <= hi]

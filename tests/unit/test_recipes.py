@@ -159,6 +159,7 @@ def test_figure2_draws_both_sections_and_prints_their_tables(tmp_path):
     assert r.output.count("| seed 0 | mean |") == 2 and "Sec. 2.1" in r.output and "Sec. 2.2" in r.output
     assert r.output.count("| run | seed | step 500 | step 1000 | step 2000 | step 3000 |") == 2
     assert "Median alpha_e_over_alpha by steps" in r.output and "Median delta by steps" in r.output
+    assert r.output.count("Median training loss by steps") == 2
 
 
 def test_figure2_on_a_directory_without_finished_runs_says_what_to_run(tmp_path):
@@ -198,6 +199,12 @@ def test_the_windows_table_gives_the_median_of_a_diagnostic_between_steps(tmp_pa
     text = reports.windows_table(tmp_path, "alpha_e_over_alpha", [0, 2, 4, 10, 20])
     assert text.splitlines()[0] == "| run | seed | steps 0-2 | steps 2-4 | steps 4-10 | steps 10-20 |"
     assert "| dpsgd | 0 | 0.2 | 1.25 | - | - |" in text  # steps 1-2, 3-4; step 5 is NaN
+
+
+def test_the_windows_table_of_the_training_loss_reads_the_step_records(tmp_path):
+    _write_run(tmp_path, "dpsgd", 0, [4.0, 2.0, 1.0, 3.0, math.nan], diag=[{"loss": 100.0}])  # a diag "loss" is ignored
+    text = reports.windows_table(tmp_path, "loss", [0, 2, 5], kind="step")
+    assert "| dpsgd | 0 | 3 | 2 |" in text  # steps 1-2: median of 4, 2; steps 3-5: of 1, 3 (NaN left out)
 
 
 def test_figure2_draws_only_the_runs_named_in_draw(tmp_path, monkeypatch):
