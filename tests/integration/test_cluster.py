@@ -17,18 +17,10 @@ import pytest
 
 from horovod_dpsgd.experiments import cluster as C
 from horovod_dpsgd.experiments.cluster import system
-from launch import REPO, run
+from launch import REPO, emulated_hosts, run
 
 
-def _unavailable() -> str:
-    try:
-        system.check_requirements(shaping=True)
-    except C.ClusterUnavailableError as exc:
-        return str(exc)
-    return ""
-
-
-pytestmark = [pytest.mark.mpi, pytest.mark.skipif(bool(_unavailable()), reason=_unavailable() or "-")]
+pytestmark = emulated_hosts(shaping=True)
 CLI = [sys.executable, "-m", "horovod_dpsgd.experiments.cli", "cluster"]
 
 

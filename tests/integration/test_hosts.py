@@ -20,8 +20,7 @@ import time
 import pytest
 
 from horovod_dpsgd.experiments import cluster as C
-from horovod_dpsgd.experiments.cluster import system
-from launch import REPO
+from launch import REPO, emulated_hosts
 
 JOBS = REPO / "tests" / "integration" / "jobs"
 
@@ -30,15 +29,7 @@ CHECKS = ("default", "hierarchical", "hierarchical_leader", "hierarchical_fp16_w
           "exponential", "random_graph", "one_peer_exponential", "periodic_ring", "local_sgd", "full")
 
 
-def _unavailable() -> str:
-    try:
-        system.check_requirements(shaping=False)
-    except C.ClusterUnavailableError as exc:
-        return str(exc)
-    return ""
-
-
-pytestmark = [pytest.mark.mpi, pytest.mark.skipif(bool(_unavailable()), reason=_unavailable() or "-")]
+pytestmark = emulated_hosts(shaping=False)
 
 
 @pytest.fixture(scope="module")

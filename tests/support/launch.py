@@ -59,3 +59,17 @@ def _kill(proc: subprocess.Popen) -> str:
 def horovodrun(np: int, args: List[str], timeout: float = 240, extra: Sequence[str] = ()) -> subprocess.CompletedProcess:
     """``horovodrun -np N [extra] python ARGS...`` with the test interpreter."""
     return run(horovodrun_command(np, args, extra), timeout, np_=np)
+
+
+def emulated_hosts(shaping: bool):
+    """The marks of a module whose tests run on emulated hosts (``horovod-dpsgd cluster``): ``mpi``, and a skip
+    that says what is missing (root, network namespaces, ``tc`` when ``shaping``) where the machine cannot."""
+    import pytest
+
+    from horovod_dpsgd.experiments.cluster import ClusterUnavailableError, system
+    try:
+        system.check_requirements(shaping=shaping)
+        missing = ""
+    except ClusterUnavailableError as exc:
+        missing = str(exc)
+    return [pytest.mark.mpi, pytest.mark.skipif(bool(missing), reason=missing or "-")]
