@@ -136,7 +136,8 @@ class Launches:
                 if reports[module]["size"] != size:
                     reports[module] = f"{command}\nran with {reports[module]['size']} processes, not {size}"
         checks = sum(map(len, groups.values()))
-        status = "failed" if failure is not None else f"{checks} check{'s' * (checks > 1)}"
+        status = "failed" if any(isinstance(r, str) for r in reports.values()) else \
+            f"{checks} check{'s' * (checks > 1)}"
         self.log.append(f"np {size} {'+'.join(groups)}: {status} in {time.monotonic() - start:.1f} s :: {command}")
         return reports
 
