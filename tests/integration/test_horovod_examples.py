@@ -97,10 +97,12 @@ def test_pytorch_imagenet_resnet50_trains_checkpoints_and_resumes_with_the_swap(
     # set_num_threads(4) in Horovod's file overrides OMP_NUM_THREADS: 2 learners share 2 cores here.
     script = swapped("examples/pytorch/pytorch_imagenet_resnet50.py", tmp_path,
                      ("torch.set_num_threads(4)", "torch.set_num_threads(1)"))
-    train, val = image_folder(tmp_path / "train"), image_folder(tmp_path / "val", per_class=2)
+    # As few images as give each learner 2 steps of 2 backward passes per epoch (ResNet-50 on 2 cores: seconds a
+    # step), and one validation batch
+    train, val = image_folder(tmp_path / "train", per_class=2), image_folder(tmp_path / "val", per_class=1)
     checkpoints = tmp_path / "checkpoint-{epoch}.pth.tar"
     args = ["--train-dir", train, "--val-dir", val, "--log-dir", tmp_path / "logs", "--checkpoint-format",
-            checkpoints, "--batch-size", "2", "--val-batch-size", "2", "--batches-per-allreduce", "2",
+            checkpoints, "--batch-size", "1", "--val-batch-size", "2", "--batches-per-allreduce", "2",
             "--fp16-allreduce", "--warmup-epochs", "1"]
     quick = {"HOROVOD_DPSGD_TIMEOUT": "60"}  # a step takes seconds: a hang fails in a minute, not 5
     first = horovodrun(2, script, args + ["--epochs", "2"], timeout=420, env=quick)
@@ -112,7 +114,7 @@ def test_pytorch_imagenet_resnet50_trains_checkpoints_and_resumes_with_the_swap(
     assert resumed.returncode == 0, resumed.stdout[-5000:]
     assert "Train Epoch     #3" in resumed.stdout and "Train Epoch     #1" not in resumed.stdout
     steps = [torch.load(tmp_path / f"checkpoint-{e}.pth.tar")["optimizer"]["horovod_dpsgd"]["step"] for e in (1, 2, 3)]
-    assert steps == [2, 4, 6], steps  # 16 images / (2 learners x 2 x 2 per step): 2 steps per epoch, continued
+    assert steps == [2, 4, 6], steps  # 8 images / (2 learners x 1 x 2 per step): 2 steps per epoch, continued
 
 
 @pytest.fixture

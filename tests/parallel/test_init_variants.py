@@ -2,7 +2,9 @@
 
 import pytest
 
-pytestmark = [pytest.mark.mpi, pytest.mark.checks("init_variants", sizes=(2,))]
+# alone: it initialises Horovod its own way (hvd.init(comm=MPI.COMM_WORLD), the plugin imported first), so its job
+# runs no other check module
+pytestmark = [pytest.mark.mpi, pytest.mark.checks("init_variants", sizes=(2,), alone=True)]
 
 
 @pytest.mark.parametrize("check", ["mpi_comm_world_and_plugin_imported_first"])
