@@ -132,9 +132,10 @@ class Hierarchical(Topology):
 
     The averager carries it out as: a sum inside each host over shared memory (a reduce-scatter), an
     exchange of the host sums with the peer host, and a gather inside the host. The cross-host exchange
-    is split into ``shards`` pieces, each sent by its own learner of the host to the learner of the same
-    local index on the peer host, so each host's link carries one model per step in ``shards`` parallel
-    messages; ``shards=1`` lets one learner per host (its lowest rank) carry all of it.
+    is split into ``shards`` pieces, each sent by its own learner of the host to a learner of the peer host,
+    so each host's link carries one model per step in ``shards`` parallel messages, each pair of processes
+    in one direction (:func:`horovod_dpsgd.comm.hosts.cross_routes`); ``shards=1`` lets one learner per host
+    (its lowest rank) carry all of it.
 
     Args:
         layout: the hosts (:class:`HostLayout`).
