@@ -12,7 +12,7 @@ import numpy as np
 
 from horovod_dpsgd.errors import TopologyError
 from horovod_dpsgd.topology.base import MixingPlan, Topology
-from horovod_dpsgd.topology.dynamic import RandomPeer, matching_probability, random_matching
+from horovod_dpsgd.topology.dynamic import OnePeerExponential, RandomPeer, matching_probability, random_matching
 
 __all__ = ["HostLayout", "Hierarchical", "default_topology", "averages_by_host", "cross_host_bytes"]
 
@@ -225,25 +225,23 @@ class Hierarchical(Topology):
 def default_topology(size: int, seed: int = 0, layout: Optional[HostLayout] = None) -> Topology:
     """The topology of the one-line swap (``topology="auto"``), chosen from the host layout.
 
-    * several hosts with several learners on some of them: :class:`Hierarchical`. A random peer would send
-      one model per learner across each host's link (``L`` models per host and step), more than Horovod's
-      allreduce; the hierarchical topology sends one. With exactly two hosts its step is the full average,
-      which moves as many bytes across the link as Horovod's allreduce (one model per host): there the hosts
-      cross every second step (``every=2``, averaging inside each host in between), half the bytes.
-      With more hosts, Horovod's ring allreduce sends about ``2 (n - 1) / n`` models per host link and
-      step, and the hierarchical topology crosses every step.
-    * one host, or one learner per host: the paper's :class:`RandomPeer` (with one learner per host the
-      hierarchical topology is the same matching, carried out as the same single message per learner).
+    * several hosts with several learners on some of them: the one-peer exponential graph
+      (:class:`OnePeerExponential`). A random peer sends one model per learner across each host's link,
+      ``L`` models per host and step, more than Horovod's allreduce, and was slower than Horovod on 2 hosts
+      x 2 at 1 Gbit/s. Across emulated hosts (docs/performance.md, "Across hosts") the one-peer exponential
+      graph was the only variant no slower than Horovod's step at every link rate measured on 2 hosts x 2,
+      and the fastest at 4 x 2: one round of one-way messages per step, and nothing summed inside the hosts
+      (``Hierarchical`` sums and gathers inside each host, on the cores that compute). With consecutive ranks
+      per host, its hops shorter than a host stay inside the host. It moves more bytes across the links than
+      :class:`Hierarchical` (one model per host and step): on a cluster whose links are the bottleneck and
+      whose hosts have cores to spare, measure ``"hierarchical"`` too.
+    * one host, or one learner per host: the paper's :class:`RandomPeer`.
     """
     if layout is not None and layout.size != size:
         raise TopologyError(f"the host layout has {layout.size} ranks but the job has {size}")
     if layout is not None and layout.num_hosts > 1 and max(layout.local_sizes) > 1:
-        return Hierarchical(layout, seed, every=AUTO_EVERY_TWO_HOSTS if layout.num_hosts == 2 else 1)
+        return OnePeerExponential(size)
     return RandomPeer(size, seed)
-
-
-#: ``every`` of the default hierarchical topology on two hosts (see :func:`default_topology`)
-AUTO_EVERY_TWO_HOSTS = 2
 
 
 def averages_by_host(topology: Topology, layout: HostLayout) -> Optional[HostLayout]:
