@@ -57,12 +57,12 @@ def locked(paths):
 
 def same_as_default(layout):
     """The variants that are the default's topology on ``layout`` (measured once, as the default): one learner
-    per host -> the random peer (a hierarchical topology has one sender per host anyway); several -> the
-    one-peer exponential graph."""
+    per host -> the random peer (a hierarchical topology has one sender per host anyway); two hosts ->
+    hierarchical:every=2; more hosts -> the one-peer exponential graph."""
     hosts, per_host = (int(v) for v in layout.split("x"))
     if per_host == 1:
         return ("dpsgd_random_peer", "dpsgd_hierarchical_leader")
-    return ("dpsgd_one_peer_exponential",)
+    return ("dpsgd_hierarchical_every2",) if hosts == 2 else ("dpsgd_one_peer_exponential",)
 
 
 def jobs(layout, variants, group):

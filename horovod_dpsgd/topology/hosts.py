@@ -225,23 +225,33 @@ class Hierarchical(Topology):
 def default_topology(size: int, seed: int = 0, layout: Optional[HostLayout] = None) -> Topology:
     """The topology of the one-line swap (``topology="auto"``), chosen from the host layout.
 
-    * several hosts with several learners on some of them: the one-peer exponential graph
-      (:class:`OnePeerExponential`). A random peer sends one model per learner across each host's link,
-      ``L`` models per host and step, more than Horovod's allreduce, and was slower than Horovod on 2 hosts
-      x 2 at 1 Gbit/s. Across emulated hosts (docs/performance.md, "Across hosts") the one-peer exponential
-      graph was the only variant no slower than Horovod's step at every link rate measured on 2 hosts x 2,
-      and the fastest at 4 x 2: one round of one-way messages per step, and nothing summed inside the hosts
-      (``Hierarchical`` sums and gathers inside each host, on the cores that compute). With consecutive ranks
-      per host, its hops shorter than a host stay inside the host. It moves more bytes across the links than
-      :class:`Hierarchical` (one model per host and step): on a cluster whose links are the bottleneck and
-      whose hosts have cores to spare, measure ``"hierarchical"`` too.
-    * one host, or one learner per host: the paper's :class:`RandomPeer`.
+    A random peer sends one model per learner across each host's link, ``L`` models per host and step with
+    ``L`` learners per host: more than Horovod's allreduce, and slower than Horovod at 2 hosts x 2. So with
+    several hosts and several learners on some of them:
+
+    * two hosts: :class:`Hierarchical` crossing every second step (``every=2``). Each crossing step is the
+      full average, one model per host across the link, as many bytes as Horovod's allreduce; crossing every
+      second step, averaging inside each host in between, halves them.
+    * more hosts: the one-peer exponential graph (:class:`OnePeerExponential`): one round of one-way
+      messages per step and nothing summed inside the hosts; with consecutive ranks per host its hops shorter
+      than a host stay inside it. It moves more bytes across the links than :class:`Hierarchical` (one model
+      per host and step), but its step was the shorter one across emulated hosts, where the sum and gather
+      inside each host cost the cores that compute.
+
+    One host, or one learner per host: the paper's :class:`RandomPeer`. The measurements behind this are in
+    docs/performance.md, "Across hosts".
     """
     if layout is not None and layout.size != size:
         raise TopologyError(f"the host layout has {layout.size} ranks but the job has {size}")
-    if layout is not None and layout.num_hosts > 1 and max(layout.local_sizes) > 1:
-        return OnePeerExponential(size)
-    return RandomPeer(size, seed)
+    if layout is None or layout.num_hosts == 1 or max(layout.local_sizes) == 1:
+        return RandomPeer(size, seed)
+    if layout.num_hosts == 2:
+        return Hierarchical(layout, seed, every=AUTO_EVERY_TWO_HOSTS)
+    return OnePeerExponential(size)
+
+
+#: ``every`` of the default hierarchical topology on two hosts (see :func:`default_topology`)
+AUTO_EVERY_TWO_HOSTS = 2
 
 
 def averages_by_host(topology: Topology, layout: HostLayout) -> Optional[HostLayout]:

@@ -3,7 +3,7 @@
 
 * every topology equals the single-process reference, and the bytes its plans send between hosts are the bytes
   that crossed the hosts' links (their interface counters);
-* the default topology there is the one-peer exponential graph;
+* the default topology there is the hierarchical one;
 * faults across hosts end the job with an error naming the lost host within the timeout, never a hang: every
   process of one host killed, and one host's link cut; the job then resumes from its checkpoint and ends where an
   uninterrupted run ends.
@@ -112,8 +112,8 @@ def test_the_job_runs_on_two_hosts_of_two_processes(report, hosts):
     assert report["hosts"] == [hosts.hosts[0]] * 2 + [hosts.hosts[1]] * 2
 
 
-def test_the_default_across_two_hosts_is_the_one_peer_exponential_graph(report):
-    assert report["checks"]["default"]["topology"] == "one-peer exponential graph"
+def test_the_default_across_two_hosts_is_the_hierarchical_topology_crossing_every_second_step(report):
+    assert report["checks"]["default"]["topology"] == "hierarchical (2 hosts x 2 processes, across hosts every 2 steps)"
 
 
 @pytest.mark.parametrize("name", CHECKS)
@@ -128,8 +128,8 @@ def test_every_topology_across_hosts_equals_the_reference_and_moves_its_bytes_ov
         assert planned[host] <= sent[host] <= 1.15 * planned[host] + 300_000, (host, sent, planned)
     if name == "hierarchical":  # one model per host and step across, not one per learner
         assert planned == [6 * model] * 2
-    if name == "default":  # the one-peer exponential graph: hop 1 crosses once per host, hop 2 twice
-        assert planned == [9 * model] * 2
+    if name == "default":  # the hierarchical topology crossing every second step: half of that
+        assert planned == [3 * model] * 2
 
 
 def resumed(hosts, directory):

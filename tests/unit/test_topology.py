@@ -264,15 +264,16 @@ def test_hierarchical_shards_and_its_printout():
 
 @pytest.mark.parametrize("layout,expected", [
     (None, "random peer"), ("1x4", "random peer"), ("4x1", "random peer"),
-    ("2x2", "one-peer exponential graph"), ("3,1", "one-peer exponential graph"),
-    ("4x2", "one-peer exponential graph")])
+    ("2x2", "hierarchical (2 hosts x 2 processes, across hosts every 2 steps)"),
+    ("3,1", "hierarchical (2 hosts of 3, 1 processes, one sender per host, across hosts every 2 steps)"),
+    ("4x2", "one-peer exponential graph"), ("3x2", "one-peer exponential graph")])
 def test_the_default_topology_follows_the_host_layout(layout, expected):
     layout = T.HostLayout.parse(layout) if layout else None
     topo = T.from_name("auto", size=layout.size if layout else 4, layout=layout)
     assert topo.name == expected
 
 
-def test_the_default_across_hosts_keeps_its_short_hops_inside_the_hosts():
+def test_the_default_on_more_hosts_keeps_its_short_hops_inside_the_hosts():
     layout = T.HostLayout.parse("4x2")
     topo = T.from_name("auto", 8, layout=layout)
     # hops 1, 2, 4: learner 2h + 1 receives from 2h + 2 (next host) and sends to 2h (own host) at hop 1
@@ -280,9 +281,9 @@ def test_the_default_across_hosts_keeps_its_short_hops_inside_the_hosts():
     np.testing.assert_allclose(sent, [[1000] * 4, [2000] * 4, [2000] * 4] * 2)
 
 
-def test_hierarchical_every_2_on_two_hosts_crosses_every_second_step_half_the_allreduces_bytes():
+def test_the_default_on_two_hosts_crosses_every_second_step_half_the_allreduces_bytes():
     layout = T.HostLayout.parse("2x4")
-    topo = T.from_name("hierarchical:every=2", 8, layout=layout)
+    topo = T.from_name("auto", 8, layout=layout)
     sent = [T.cross_host_bytes(topo, layout, t, 1000) for t in range(6)]
     np.testing.assert_allclose(sent, [[0, 0], [1000, 1000]] * 3)
     np.testing.assert_allclose(topo.mixing_matrix(1), np.full((8, 8), 1 / 8))  # the full average
