@@ -31,8 +31,8 @@ class Options:
             :func:`horovod_dpsgd.topology.from_name`), a :class:`~horovod_dpsgd.topology.Topology`, or a mixing
             matrix. ``"auto"`` (the default) is chosen from the host layout when the optimizer is built
             (:func:`horovod_dpsgd.topology.default_topology`): ``"hierarchical:every=2"`` on two hosts running
-            several learners each, ``"one_peer_exponential"`` on more hosts, the paper's ``"random_peer"`` otherwise; pass ``"random_peer"`` for the paper's
-            setting on every layout.
+            several learners each, ``"one_peer_exponential"`` on other layouts of several hosts, the paper's
+            ``"random_peer"`` on one host; pass ``"random_peer"`` for the paper's setting on every layout.
         callbacks: :class:`~horovod_dpsgd.Callback` objects called at fixed points of every step.
         seed: seed of random topologies; the same on every rank.
         timeout: seconds any wait for a neighbour may take before

@@ -191,6 +191,7 @@ class HostAverage(ExchangeHandle):
                 return False
             rounds[self._round]()
         return True
+
     def _sum_inside_host(self) -> None:
         """Round 1: carrier ``l`` receives piece ``l`` of the sum of its host's weights."""
         MPI = _mpi()
@@ -232,7 +233,7 @@ class HostAverage(ExchangeHandle):
                 self._send(wire, peer)
 
     def _relay_inside_host(self) -> None:
-        """Round 2b, on the relaying host only: pass the peer host's piece on to its carrier, and receive this
+        """Round 3, on the relaying host only: pass the peer host's piece on to its carrier, and receive this
         carrier's from the neighbour that got it."""
         if self.routes.relay is None:
             return
@@ -255,7 +256,7 @@ class HostAverage(ExchangeHandle):
         self._request_peers.append(peer)
 
     def _gather_inside_host(self) -> None:
-        """Last round: carrier ``l`` computes piece ``l`` of the mean; every learner of the host gathers them all."""
+        """Round 4: carrier ``l`` computes piece ``l`` of the mean; every learner of the host gathers them all."""
         MPI = _mpi()
         c = self.comms
         self._sends, self._wire = [], []

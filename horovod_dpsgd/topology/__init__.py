@@ -16,8 +16,8 @@ symmetry (:func:`validate_mixing_matrix` with ``directed=True``), and its plans 
   periodic global averaging (Gossip-PGA) and local SGD; every rank computes the schedule alone from
   ``(seed, t)``;
 * host-aware (:mod:`.hosts`): :class:`Hierarchical` averages inside each host and exchanges one model per
-  host across hosts; ``"auto"`` (:func:`default_topology`) picks the hierarchical topology (two hosts) or the one-peer
-  exponential graph (more hosts) across hosts with several learners each, the random peer otherwise.
+  host across hosts; ``"auto"`` (:func:`default_topology`) picks it on two hosts of several learners, the
+  one-peer exponential graph on other layouts of several hosts, the random peer on one host.
 
 Example::
 

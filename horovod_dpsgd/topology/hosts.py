@@ -225,27 +225,26 @@ class Hierarchical(Topology):
 def default_topology(size: int, seed: int = 0, layout: Optional[HostLayout] = None) -> Topology:
     """The topology of the one-line swap (``topology="auto"``), chosen from the host layout.
 
-    A random peer sends one model per learner across each host's link, ``L`` models per host and step with
-    ``L`` learners per host: more than Horovod's allreduce, and slower than Horovod at 2 hosts x 2. So with
-    several hosts and several learners on some of them:
+    * one host (or no layout): the paper's :class:`RandomPeer`.
+    * two hosts with several learners on some of them: :class:`Hierarchical` crossing every second step
+      (``every=2``). A random peer would send one model per learner across each host's link, more than
+      Horovod's allreduce; each crossing step of the hierarchical topology is the full average, one model per
+      host across the link, as many bytes as Horovod's allreduce, and crossing every second step, averaging
+      inside each host in between, halves them.
+    * any other layout of several hosts (more than two, or one learner per host): the one-peer exponential
+      graph (:class:`OnePeerExponential`): one round of one-way messages per step and nothing summed inside
+      the hosts; with consecutive ranks per host its hops shorter than a host stay inside it. It moves more
+      bytes across the links than :class:`Hierarchical` (one model per host and step), but its step was the
+      shorter one across emulated hosts, where the sum and gather inside each host cost the cores that
+      compute, and shorter than the random peer's, whose exchange runs both ways on each connection.
 
-    * two hosts: :class:`Hierarchical` crossing every second step (``every=2``). Each crossing step is the
-      full average, one model per host across the link, as many bytes as Horovod's allreduce; crossing every
-      second step, averaging inside each host in between, halves them.
-    * more hosts: the one-peer exponential graph (:class:`OnePeerExponential`): one round of one-way
-      messages per step and nothing summed inside the hosts; with consecutive ranks per host its hops shorter
-      than a host stay inside it. It moves more bytes across the links than :class:`Hierarchical` (one model
-      per host and step), but its step was the shorter one across emulated hosts, where the sum and gather
-      inside each host cost the cores that compute.
-
-    One host, or one learner per host: the paper's :class:`RandomPeer`. The measurements behind this are in
-    docs/performance.md, "Across hosts".
+    The measurements behind this are in docs/performance.md, "Across hosts".
     """
     if layout is not None and layout.size != size:
         raise TopologyError(f"the host layout has {layout.size} ranks but the job has {size}")
-    if layout is None or layout.num_hosts == 1 or max(layout.local_sizes) == 1:
+    if layout is None or layout.num_hosts == 1:
         return RandomPeer(size, seed)
-    if layout.num_hosts == 2:
+    if layout.num_hosts == 2 and max(layout.local_sizes) > 1:
         return Hierarchical(layout, seed, every=AUTO_EVERY_TWO_HOSTS)
     return OnePeerExponential(size)
 

@@ -263,7 +263,7 @@ def test_hierarchical_shards_and_its_printout():
 
 
 @pytest.mark.parametrize("layout,expected", [
-    (None, "random peer"), ("1x4", "random peer"), ("4x1", "random peer"),
+    (None, "random peer"), ("1x4", "random peer"), ("4x1", "one-peer exponential graph"),
     ("2x2", "hierarchical (2 hosts x 2 processes, across hosts every 2 steps)"),
     ("3,1", "hierarchical (2 hosts of 3, 1 processes, one sender per host, across hosts every 2 steps)"),
     ("4x2", "one-peer exponential graph"), ("3x2", "one-peer exponential graph")])
