@@ -264,7 +264,8 @@ def main():
     rows = [row(*key, results) for key, results in cells.items()]
     rows.sort(key=lambda r: (r["model"], r["layout"], RATE_ORDER.get(r["rate"], 9)))
     meta = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores", "command": " ".join(sys.argv)}
-    (HERE / "results" / f"hosts-{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if not others:  # the table of one run; a table read from several runs is printed only
+        (HERE / "results" / f"hosts-{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print("\nStep time / Horovod's, median of the per-repetition ratios [quartiles]:\n")
     print(table(rows, [v for v in variants if v != "horovod_ssgd"]))
     print("\nExchange alone against raw mpi4py moving the same bytes between the same hosts (raw / plugin):\n")
