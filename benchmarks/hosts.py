@@ -56,13 +56,10 @@ def locked(paths):
 
 
 def same_as_default(layout):
-    """The variants that are the default's topology on ``layout`` (measured once, as the default): one learner
-    per host -> the random peer (a hierarchical topology has one sender per host anyway); two hosts ->
-    hierarchical:every=2; more hosts -> hierarchical."""
+    """The variants that are the default's topology on ``layout`` (measured once, as the default): two hosts of
+    several learners -> hierarchical:every=2; other layouts of several hosts -> the one-peer exponential graph."""
     hosts, per_host = (int(v) for v in layout.split("x"))
-    if per_host == 1:
-        return ("dpsgd_random_peer", "dpsgd_hierarchical_leader")
-    return ("dpsgd_hierarchical_every2",) if hosts == 2 else ("dpsgd_hierarchical",)
+    return ("dpsgd_hierarchical_every2",) if hosts == 2 and per_host > 1 else ("dpsgd_one_peer_exponential",)
 
 
 def jobs(layout, variants, group):
@@ -220,7 +217,9 @@ def plot(rows, variants, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--name", default="latest")
+    parser.add_argument("--name", default="latest",
+                        help="the run: its jobs go to benchmarks/results/hosts-NAME/; NAME,OTHER,... also reads the "
+                             "jobs of earlier runs OTHER into the table and plots (no new jobs for them)")
     parser.add_argument("--layouts", default="2x2,4x1,4x2", help="HxL: H hosts of L processes")
     parser.add_argument("--rates", default="1gbit,10gbit,none", help="link rates (tc notation; none: unshaped)")
     parser.add_argument("--models", default="resnet18,resnet50")
@@ -241,7 +240,8 @@ def main():
     parser.add_argument("--plot-ratios", default=None, metavar="RATE:PATH",
                         help="write the ratios to Horovod's step at link rate RATE (e.g. 1gbit:ratios.png) here")
     args = parser.parse_args()
-    directory = HERE / "results" / f"hosts-{args.name}"
+    name, *others = args.name.split(",")
+    directory = HERE / "results" / f"hosts-{name}"
     directory.mkdir(parents=True, exist_ok=True)
     variants = args.variants.split(",")
     for layout in args.layouts.split(","):
@@ -258,13 +258,14 @@ def main():
                 for i, chunk in enumerate(jobs(layout, variants, group)):
                     job(cluster, directory / f"{layout}-{rate}-{model}-{i}.json", model, chunk, args)
     cells = {}
-    for path in sorted(directory.glob("*.json")):
+    for path in sorted(p for d in [name, *others] for p in (HERE / "results" / f"hosts-{d}").glob("*.json")):
         layout, rate, model, _ = path.stem.split("-")
         cells.setdefault((layout, rate, model), []).append(json.loads(path.read_text()))
     rows = [row(*key, results) for key, results in cells.items()]
     rows.sort(key=lambda r: (r["model"], r["layout"], RATE_ORDER.get(r["rate"], 9)))
     meta = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores", "command": " ".join(sys.argv)}
-    (HERE / "results" / f"hosts-{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if not others:  # the table of one run; a table read from several runs is printed only
+        (HERE / "results" / f"hosts-{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print("\nStep time / Horovod's, median of the per-repetition ratios [quartiles]:\n")
     print(table(rows, [v for v in variants if v != "horovod_ssgd"]))
     print("\nExchange alone against raw mpi4py moving the same bytes between the same hosts (raw / plugin):\n")

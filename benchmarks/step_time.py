@@ -21,6 +21,7 @@ import horovod.torch as hvd
 from mpi4py import MPI
 
 import horovod_dpsgd
+from horovod_dpsgd.comm.hosts import cross_routes
 
 MODELS = {
     "mlp1m": (lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 320), torch.nn.ReLU(),
@@ -176,23 +177,24 @@ def time_nonfinite_check(opt, reps, comm, calls=5):
 
 def cross_traffic(averager, step):
     """What learner ``averager.rank`` sends and receives across hosts in ``step``'s exchange, as raw MPI would
-    move it: ``(sends, receives)``, lists of ``(rank, numpy bytes)``. A host average: its piece of the model with
-    the learner of the same local index on each peer host (nothing for a learner that carries no piece); a
-    point-to-point plan: the whole model to each destination, from each peer."""
+    move it: ``(sends, receives)``, lists of ``(rank, numpy bytes)``. A host average: its piece of the model
+    along the exchange's own routes (:func:`horovod_dpsgd.comm.hosts.cross_routes`; nothing for a learner that
+    carries no piece, and without the sum, relay and gather inside the hosts); a point-to-point plan: the whole
+    model to each destination, from each peer."""
     (group,) = averager.flat.groups  # benchmark-only: the parameters' storage (one dtype here)
     plan = averager.topology.plan(averager.rank, step)
     flat = group.flat.view(torch.uint8)
     if plan.hosts or (plan.collective and averager.hosts is not None):
         comms = averager.hosts
-        layout = comms.layout
-        hosts = plan.hosts or tuple(h for h in range(layout.num_hosts))
-        if comms.local_index >= comms.shards:
-            return [], []
-        size = group.flat.element_size()
-        lo, hi = (size * (k * group.numel // comms.shards) for k in (comms.local_index, comms.local_index + 1))
-        peers = [layout.hosts[h][comms.local_index] for h in hosts if h != comms.host_index]
-        piece = flat[lo:hi].numpy()
-        return [(p, piece) for p in peers], [(p, torch.empty_like(flat[lo:hi]).numpy()) for p in peers]
+        hosts = plan.hosts or tuple(range(comms.layout.num_hosts))
+        routes = cross_routes(comms.layout, comms.shards, hosts, averager.rank, step)
+        size, shards = group.flat.element_size(), comms.shards
+
+        def piece(k):
+            return flat[size * (k * group.numel // shards):size * ((k + 1) * group.numel // shards)]
+
+        return ([(p, piece(comms.local_index).numpy()) for p in routes.dests],
+                [(p, torch.empty_like(piece(k)).numpy()) for p, k in zip(routes.sources, routes.pieces)])
     receive = group.recv_buffers(len(plan.peers), group.dtype)  # the plugin's own receive buffers
     return ([(p, flat.numpy()) for p in plan.destinations],
             [(p, buf.view(torch.uint8).numpy()) for p, buf in zip(plan.peers, receive)])

@@ -30,9 +30,9 @@ class Options:
             ``"exponential"``, ``"full"``, ``"periodic:8"``, ``"local_sgd:8"``; see
             :func:`horovod_dpsgd.topology.from_name`), a :class:`~horovod_dpsgd.topology.Topology`, or a mixing
             matrix. ``"auto"`` (the default) is chosen from the host layout when the optimizer is built
-            (:func:`horovod_dpsgd.topology.default_topology`): ``"hierarchical"`` when several hosts run several
-            learners each, the paper's ``"random_peer"`` otherwise; pass ``"random_peer"`` for the paper's
-            setting on every layout.
+            (:func:`horovod_dpsgd.topology.default_topology`): ``"hierarchical:every=2"`` on two hosts running
+            several learners each, ``"one_peer_exponential"`` on other layouts of several hosts, the paper's
+            ``"random_peer"`` on one host; pass ``"random_peer"`` for the paper's setting on every layout.
         callbacks: :class:`~horovod_dpsgd.Callback` objects called at fixed points of every step.
         seed: seed of random topologies; the same on every rank.
         timeout: seconds any wait for a neighbour may take before

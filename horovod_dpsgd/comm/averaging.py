@@ -172,8 +172,7 @@ class NeighbourAverager:
         if isinstance(handle, HostAverage):
             means = handle.results()
             if self.screen is not None and not all(finite(means)):
-                # every learner of these hosts has the same mean: all of them raise, or all keep their weights
-                self.screen.reject(handle.sources(), handle.step)
+                self._mix_finite_of_hosts(handle)
                 return
             for group, mean in zip(groups, means):
                 group.assign(mean)
@@ -194,6 +193,20 @@ class NeighbourAverager:
         for group, transfer in zip(groups, handle.transfers):
             group.mix(weights[0], [(w, self.compression.decompress(r, group.dtype))
                                    for w, r in zip(weights[1], transfer.recv) if w])
+
+    def _mix_finite_of_hosts(self, handle: HostAverage) -> None:
+        """A host average met non-finite weights. Every learner of its hosts holds the same mean, so all of them
+        are here: one more exchange sends each one's weights to the others, and the screen mixes them as a
+        point-to-point plan, leaving out (or raising on) exactly the non-finite ones."""
+        ranks = handle.sources()
+        peers = tuple(r for r in ranks if r != self.rank)
+        plan = topologies.MixingPlan(1.0 / len(ranks), peers, (1.0 / len(ranks),) * len(peers))
+        groups = self.flat.groups
+        transfers = [Transfer(g.send, peers, g.recv_buffers(len(peers), g.dtype)) for g in groups]
+        self.exchange.start(transfers, handle.step, peers).wait()
+        weights = self.screen.weights(plan, [g.send for g in groups], [t.recv for t in transfers], handle.step)
+        for group, transfer in zip(groups, transfers if weights is not None else ()):
+            group.mix(weights[0], [(w, r) for w, r in zip(weights[1], transfer.recv) if w])
 
     def _sum_of_finite(self, step: int) -> Tuple[List[torch.Tensor], int]:
         """Full averaging met a non-finite sum (every rank sees the same sum, so every rank is here): one more

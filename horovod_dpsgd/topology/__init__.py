@@ -16,7 +16,8 @@ symmetry (:func:`validate_mixing_matrix` with ``directed=True``), and its plans 
   periodic global averaging (Gossip-PGA) and local SGD; every rank computes the schedule alone from
   ``(seed, t)``;
 * host-aware (:mod:`.hosts`): :class:`Hierarchical` averages inside each host and exchanges one model per
-  host across hosts; ``"auto"`` (:func:`default_topology`) picks it or the random peer from the layout.
+  host across hosts; ``"auto"`` (:func:`default_topology`) picks it on two hosts of several learners, the
+  one-peer exponential graph on other layouts of several hosts, the random peer on one host.
 
 Example::
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from horovod_dpsgd.errors import TopologyError
 from horovod_dpsgd.topology.base import MixingPlan, Topology
-from horovod_dpsgd.topology.dynamic import RandomPeer, matching_probability, random_matching
+from horovod_dpsgd.topology.dynamic import OnePeerExponential, RandomPeer, matching_probability, random_matching
 
 __all__ = ["HostLayout", "Hierarchical", "default_topology", "averages_by_host", "cross_host_bytes"]
 
@@ -132,9 +132,10 @@ class Hierarchical(Topology):
 
     The averager carries it out as: a sum inside each host over shared memory (a reduce-scatter), an
     exchange of the host sums with the peer host, and a gather inside the host. The cross-host exchange
-    is split into ``shards`` pieces, each sent by its own learner of the host to the learner of the same
-    local index on the peer host, so each host's link carries one model per step in ``shards`` parallel
-    messages; ``shards=1`` lets one learner per host (its lowest rank) carry all of it.
+    is split into ``shards`` pieces, each sent by its own learner of the host to a learner of the peer host,
+    so each host's link carries one model per step in ``shards`` parallel messages, each pair of processes
+    in one direction (:func:`horovod_dpsgd.comm.hosts.cross_routes`); ``shards=1`` lets one learner per host
+    (its lowest rank) carry all of it.
 
     Args:
         layout: the hosts (:class:`HostLayout`).
@@ -224,21 +225,28 @@ class Hierarchical(Topology):
 def default_topology(size: int, seed: int = 0, layout: Optional[HostLayout] = None) -> Topology:
     """The topology of the one-line swap (``topology="auto"``), chosen from the host layout.
 
-    * several hosts with several learners on some of them: :class:`Hierarchical`. A random peer would send
-      one model per learner across each host's link (``L`` models per host and step), more than Horovod's
-      allreduce; the hierarchical topology sends one. With exactly two hosts its step is the full average,
-      which moves as many bytes across the link as Horovod's allreduce (one model per host): there the hosts
-      cross every second step (``every=2``, averaging inside each host in between), half the bytes.
-      With more hosts, Horovod's ring allreduce sends about ``2 (n - 1) / n`` models per host link and
-      step, and the hierarchical topology crosses every step.
-    * one host, or one learner per host: the paper's :class:`RandomPeer` (with one learner per host the
-      hierarchical topology is the same matching, carried out as the same single message per learner).
+    * one host (or no layout): the paper's :class:`RandomPeer`.
+    * two hosts with several learners on some of them: :class:`Hierarchical` crossing every second step
+      (``every=2``). A random peer would send one model per learner across each host's link, more than
+      Horovod's allreduce; each crossing step of the hierarchical topology is the full average, one model per
+      host across the link, as many bytes as Horovod's allreduce, and crossing every second step, averaging
+      inside each host in between, halves them.
+    * any other layout of several hosts (more than two, or one learner per host): the one-peer exponential
+      graph (:class:`OnePeerExponential`): one round of one-way messages per step and nothing summed inside
+      the hosts; with consecutive ranks per host its hops shorter than a host stay inside it. It moves more
+      bytes across the links than :class:`Hierarchical` (one model per host and step), but its step was the
+      shorter one across emulated hosts, where the sum and gather inside each host cost the cores that
+      compute, and shorter than the random peer's, whose exchange runs both ways on each connection.
+
+    The measurements behind this are in docs/performance.md, "Across hosts".
     """
     if layout is not None and layout.size != size:
         raise TopologyError(f"the host layout has {layout.size} ranks but the job has {size}")
-    if layout is not None and layout.num_hosts > 1 and max(layout.local_sizes) > 1:
-        return Hierarchical(layout, seed, every=AUTO_EVERY_TWO_HOSTS if layout.num_hosts == 2 else 1)
-    return RandomPeer(size, seed)
+    if layout is None or layout.num_hosts == 1:
+        return RandomPeer(size, seed)
+    if layout.num_hosts == 2 and max(layout.local_sizes) > 1:
+        return Hierarchical(layout, seed, every=AUTO_EVERY_TWO_HOSTS)
+    return OnePeerExponential(size)
 
 
 #: ``every`` of the default hierarchical topology on two hosts (see :func:`default_topology`)

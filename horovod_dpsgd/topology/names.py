@@ -72,8 +72,9 @@ def from_name(spec: Union[str, Topology, np.ndarray], size: int, seed: int = 0,
     Names:
 
     * ``auto``: the one-line swap's default, chosen from the host ``layout``
-      (:func:`~horovod_dpsgd.topology.default_topology`): ``hierarchical`` across hosts with several
-      learners each, the paper's ``random_peer`` otherwise;
+      (:func:`~horovod_dpsgd.topology.default_topology`): ``hierarchical:every=2`` on two hosts
+      with several learners each, ``one_peer_exponential`` on other layouts of several hosts, the paper's
+      ``random_peer`` on one host;
     * ``hierarchical``, ``hierarchical:HxL`` or ``hierarchical:L1,L2,...`` (an explicit host layout),
       ``hierarchical:leader`` (one sender per host), ``hierarchical:every=H`` (across hosts every ``H``-th step,
       inside each host in between), combinable (``hierarchical:2x4:every=2``):

@@ -105,7 +105,8 @@ def test_checkpoint_resume_reproduces_the_uninterrupted_run_bit_for_bit(result, 
     assert result["files"] == [f"learner-{j:05d}-of-{size:05d}.s000001.pt" for j in range(size)] + ["manifest.json"]
 
 
-@pytest.mark.parametrize("check", ["nan_weights_skip_ring", "nan_weights_skip_random_peer", "nan_weights_skip_full"])
+@pytest.mark.parametrize("check", ["nan_weights_skip_ring", "nan_weights_skip_random_peer", "nan_weights_skip_full",
+                                   "nan_weights_skip_hierarchical"])
 def test_nan_weights_of_one_learner_are_kept_out_of_every_mix_with_nonfinite_skip(result, size, check):
     """issue 15: learner 1's weights turn NaN before step 2 (nonfinite="skip"); every rank's view."""
     ranks, topology = result, check[len("nan_weights_skip_"):]
@@ -119,15 +120,15 @@ def test_nan_weights_of_one_learner_are_kept_out_of_every_mix_with_nonfinite_ski
     # its gradient, taken at NaN weights, was NaN: once, or while a random peer left it unmatched
     assert ranks[1]["skipped"] == 1 if topology != "random_peer" else ranks[1]["skipped"] >= 1
     if topology != "random_peer":
-        neighbours = set(range(size)) if topology == "full" else {0, 1, 2 % size}
+        neighbours = set(range(size)) if topology in ("full", "hierarchical") else {0, 1, 2 % size}
         assert all(r["diff"] is not None for r in ranks)
         assert [r["rejected"] for r in ranks] == [{"1": 1} if j in neighbours else {} for j in range(size)]
 
 
-@pytest.mark.parametrize("check", ["nan_weights_raise_ring", "nan_weights_raise_full"])
+@pytest.mark.parametrize("check", ["nan_weights_raise_ring", "nan_weights_raise_full", "nan_weights_raise_hierarchical"])
 def test_nan_weights_raise_on_every_learner_that_received_them_naming_the_source_and_step(result, size, check):
     """issue 15: as above with nonfinite="raise", stopping at step 2: who raised, saying what."""
-    neighbours = set(range(size)) if check.endswith("full") else {0, 1, 2 % size}
+    neighbours = set(range(size)) if check.endswith(("full", "hierarchical")) else {0, 1, 2 % size}
     for rank, r in enumerate(result):
         if rank == 1:  # the source: its gradient at NaN weights (ring), or the allreduce naming it (full)
             assert r["error"].startswith("rank 1: ") and "at step 2" in r["error"], r

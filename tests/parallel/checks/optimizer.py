@@ -238,10 +238,13 @@ def nan_weights_raise(topology, victim=1, at=2):
     return hvd.allgather_object({"error": error, "finite": finite}, name=f"nan_weights_raise.{topology}")
 
 
-for topo in ("ring", "random_peer", "full"):
-    check(f"nan_weights_skip_{topo}")(lambda topo=topo: nan_weights_skip(topo))
-for topo in ("ring", "full"):
-    check(f"nan_weights_raise_{topo}")(lambda topo=topo: nan_weights_raise(topo))
+# Two "hosts" on this machine (at np 4, 2 x 2: the host average's relay round runs); its W(t) is the full average.
+HIERARCHICAL = "hierarchical:" + {2: "2x1", 3: "2,1", 4: "2x2"}.get(SIZE, f"{SIZE // 2},{SIZE - SIZE // 2}")
+for name, topo in (("ring", "ring"), ("random_peer", "random_peer"), ("full", "full"),
+                   ("hierarchical", HIERARCHICAL)):
+    check(f"nan_weights_skip_{name}")(lambda topo=topo: nan_weights_skip(topo))
+for name, topo in (("ring", "ring"), ("full", "full"), ("hierarchical", HIERARCHICAL)):
+    check(f"nan_weights_raise_{name}")(lambda topo=topo: nan_weights_raise(topo))
 
 
 @check("noise_ssgd_replicas_identical")
