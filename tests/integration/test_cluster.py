@@ -178,10 +178,16 @@ def test_a_failure_part_way_through_up_removes_what_was_created(unchanged, monke
     assert footprint() == unchanged
 
 
+def _interruptible() -> None:
+    """In the child: SIGINT acts as Ctrl-C in a terminal, even where pytest itself was started with it ignored
+    (a background job of a non-interactive shell ignores SIGINT, and the CLI would inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(*args, **kwargs):
     return subprocess.Popen([*CLI, *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            **kwargs)
+                            preexec_fn=_interruptible, **kwargs)
 
 
 def _finish(proc, timeout=120):
